@@ -1,0 +1,217 @@
+"""Recipe + source configs -> a checked plan: the output config and one task per output tensor.
+
+Validation happens here, against the sources' ``config.json`` only, before any weight is read. The folding
+rules of ``dfs-semantics.md`` ("Folding into a standard model") live here and nowhere else:
+
+- ``embed_tokens``          <- ``T_0`` applied to every row (``E S_0^T + b_0``)
+- hop ``k``'s ``down_proj`` <- ``S_{k+1} W_down``, bias ``S_{k+1} b_down + b_{k+1}``
+- hop ``k``                 -> its own physical layer ``model.layers.k``
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+from .families import SHAPE_KEYS, Family, family_of
+from .recipe import IDENTITY, Recipe, RecipeError, Transform
+
+__all__ = ["TensorTask", "Plan", "make_plan", "DTYPES"]
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+_CHUNK_ELEMENTS = 1 << 24  # rows are transformed in chunks of about 64 MB of float32
+
+
+@dataclass(frozen=True)
+class TensorTask:
+    """How one output tensor is made: read ``src_name`` of source ``model`` and fold ``transform`` in.
+
+    ``fold`` is ``"copy"`` (as is), ``"rows"`` (``T`` on each row, bias included: embeddings), ``"down"``
+    (``S W``: a down projection's weight), ``"down_bias"`` (``S b + b_T``; ``src_name`` may be None for a
+    source without bias) or ``"zeros"``.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    model: int
+    src_name: str | None
+    fold: str = "copy"
+    transform: Transform = IDENTITY
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    def chunks(self, get: Callable[[int, str], torch.Tensor], device: str = "cpu") -> Iterator[torch.Tensor]:
+        """The output tensor in consecutive row chunks (float32 where folded, the source dtype where copied)."""
+        if self.fold == "zeros" or (self.fold == "down_bias" and self.src_name is None):
+            source = torch.zeros(self.shape, dtype=torch.float32)
+        else:
+            source = get(self.model, self.src_name)
+            if tuple(source.shape) != self.shape:
+                raise RecipeError(f"models[{self.model}]: tensor {self.src_name!r} has shape "
+                                  f"{tuple(source.shape)}, the config says {self.shape}")
+        if self.fold == "copy" or (self.fold in ("rows", "down") and self.transform.is_identity):
+            yield source
+            return
+        if self.fold in ("down_bias", "zeros"):
+            yield self.transform.apply(source.to(device, torch.float32)) if self.fold == "down_bias" else source
+            return
+        matrix = self.fold == "down" and self.transform.kind == "matrix"
+        full = source.to(device, torch.float32) if matrix else None  # S W mixes rows: needs all of W
+        rows = max(1, _CHUNK_ELEMENTS // max(1, self.numel // self.shape[0]))
+        for r in range(0, self.shape[0], rows):
+            if self.fold == "rows":
+                yield self.transform.apply(source[r:r + rows].to(device, torch.float32))
+            elif matrix:
+                yield self.transform.scale[r:r + rows].to(device) @ full
+            else:  # scalar or diagonal S: row i of W times s_i
+                scale = self.transform.scale
+                factor = scale if isinstance(scale, float) else scale[r:r + rows, None].to(device)
+                yield source[r:r + rows].to(device, torch.float32) * factor
+
+
+@dataclass
+class Plan:
+    """Everything the writer needs: the output config and the ordered tensor tasks."""
+
+    recipe: Recipe
+    family: Family
+    configs: list[dict]
+    config: dict  # the output config.json
+    tasks: list[TensorTask]
+    classification: bool
+
+    def num_params(self) -> int:
+        return sum(t.numel for t in self.tasks)
+
+    def nbytes(self, dtype: str = "bfloat16") -> int:
+        return self.num_params() * DTYPES[dtype].itemsize
+
+    def compact_params(self) -> int:
+        """Parameters if each used source layer were stored once (the compact format)."""
+        per_layer = sum(_numel(s) for s in self.family.layer_tensors(self.configs[self.recipe.output_model]).values())
+        global_params = self.num_params() - len(self.recipe.hops) * per_layer
+        return global_params + len(self.recipe.used_layers()) * per_layer
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _validate(recipe: Recipe, configs: list[dict]) -> Family:
+    families = [family_of(c, f"models[{i}] ({recipe.sources[i]})") for i, c in enumerate(configs)]
+    for i, fam in enumerate(families[1:], 1):
+        if fam is not families[0]:
+            raise RecipeError(f"models[{i}]: model_type {fam.model_type!r} differs from models[0] "
+                              f"({families[0].model_type!r}); all sources must be one family")
+    first = configs[0]
+    for i, config in enumerate(configs[1:], 1):
+        for key in SHAPE_KEYS:
+            if config.get(key) != first.get(key):
+                raise RecipeError(f"models[{i}]: {key} = {config.get(key)!r} differs from models[0] "
+                                  f"({first.get(key)!r}); the layers of all sources must be interchangeable")
+    _check_layers(recipe, configs)
+    hidden = first["hidden_size"]
+    for k, hop in enumerate(recipe.hops):
+        width = hop.transform.width()
+        if width is not None and width != hidden:
+            raise RecipeError(f"{hop.where}: transform of length {width}, expected hidden_size {hidden}")
+    vin, vout = configs[recipe.input_model]["vocab_size"], configs[recipe.output_model]["vocab_size"]
+    if vin != vout:
+        raise RecipeError(f"input_layer_model/output_layer_model: vocabulary sizes differ ({vin} vs {vout}); "
+                          "the embeddings and the head must share one vocabulary")
+    if any(h.transform.has_bias for h in recipe.hops[1:]) and families[0].mlp_bias_key is None:
+        raise RecipeError(f"bias_factors: a {families[0].model_type} model has no MLP bias to fold a bias into; "
+                          "use scales only, or --format compact")
+    return families[0]
+
+
+def _check_layers(recipe: Recipe, configs: list[dict]) -> None:
+    counts = [c["num_hidden_layers"] for c in configs]
+    mask = recipe.raw.get("layer_mask") if recipe.raw else None
+    if mask is not None:
+        width = len(mask[0][0])
+        for i, n in enumerate(counts):
+            if n != width:
+                raise RecipeError(f"layer_mask: expected shape ({len(mask)}, {len(configs)}, {n}), got "
+                                  f"({len(mask)}, {len(configs)}, {width}) (models[{i}] has {n} layers)")
+    for hop in recipe.hops:
+        if hop.layer >= counts[hop.model]:
+            raise RecipeError(f"{hop.where}: layer {hop.layer} of models[{hop.model}], which has "
+                              f"{counts[hop.model]} layers (0..{counts[hop.model] - 1})")
+
+
+def _is_classifier(config: dict) -> bool:
+    return any(a.endswith("ForSequenceClassification") for a in config.get("architectures") or [])
+
+
+def make_plan(recipe: Recipe, configs: list[dict], dtype: str = "bfloat16") -> Plan:
+    """Validate ``recipe`` against the source configs and plan every output tensor."""
+    if dtype not in DTYPES:
+        raise RecipeError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
+    family = _validate(recipe, configs)
+    out_cfg = configs[recipe.output_model]
+    classification = _is_classifier(out_cfg) if recipe.classification is None else recipe.classification
+    if classification and not _is_classifier(out_cfg):
+        raise RecipeError(f"classification: models[{recipe.output_model}] (output_layer_model) is not a "
+                          "*ForSequenceClassification model, so it has no score head")
+    hops = recipe.hops
+    t0 = hops[0].transform
+    biased = any(h.transform.has_bias for h in hops[1:])
+    tied = bool(out_cfg.get("tie_word_embeddings", False)) and not classification
+    keep_tied = tied and recipe.input_model == recipe.output_model and t0.is_identity
+
+    hidden, vocab = out_cfg["hidden_size"], out_cfg["vocab_size"]
+    tasks = [TensorTask(family.embed, (vocab, hidden), recipe.input_model, family.embed, "rows", t0)]
+    for k, hop in enumerate(hops):
+        src_cfg = configs[hop.model]
+        prefix_out = family.layer_prefix.format(i=k)
+        prefix_src = family.layer_prefix.format(i=hop.layer)
+        after = hops[k + 1].transform if k + 1 < len(hops) else IDENTITY
+        src_shapes = family.layer_tensors(src_cfg)
+        out_shapes = family.layer_tensors({**src_cfg, family.mlp_bias_key: True}) if biased else src_shapes
+        for suffix, shape in out_shapes.items():
+            src = prefix_src + suffix if suffix in src_shapes else None
+            if suffix == f"{family.down_proj}.weight":
+                tasks.append(TensorTask(prefix_out + suffix, shape, hop.model, src, "down", after))
+            elif suffix == f"{family.down_proj}.bias":
+                tasks.append(TensorTask(prefix_out + suffix, shape, hop.model, src, "down_bias", after))
+            else:
+                tasks.append(TensorTask(prefix_out + suffix, shape, hop.model, src, "copy" if src else "zeros"))
+    tasks.append(TensorTask(family.norm, (hidden,), recipe.output_model, family.norm))
+    if classification:
+        tasks.append(TensorTask(family.score, (out_cfg.get("num_labels") or len(out_cfg["id2label"]), hidden),
+                                recipe.output_model, family.score))
+    elif not keep_tied:
+        head_src = family.embed if tied else family.lm_head
+        tasks.append(TensorTask(family.lm_head, (vocab, hidden), recipe.output_model, head_src))
+    config = _output_config(recipe, family, configs, classification, keep_tied, biased, dtype)
+    return Plan(recipe, family, configs, config, tasks, classification)
+
+
+def _output_config(recipe: Recipe, family: Family, configs: list[dict], classification: bool, tied: bool,
+                   biased: bool, dtype: str) -> dict:
+    out_cfg, in_cfg = configs[recipe.output_model], configs[recipe.input_model]
+    config = {k: v for k, v in out_cfg.items() if k not in ("_name_or_path", "quantization_config", "torch_dtype")}
+    config["architectures"] = [family.classifier if classification else family.causal_lm]
+    config["num_hidden_layers"] = len(recipe.hops)
+    config["dtype"] = dtype
+    config["tie_word_embeddings"] = tied
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):  # they belong to the input model's tokenizer
+        if key in in_cfg:
+            config[key] = in_cfg[key]
+    if biased:
+        config[family.mlp_bias_key] = True
+    for key in family.per_layer_keys:
+        if all(isinstance(configs[h.model].get(key), list) for h in recipe.hops):
+            config[key] = [configs[h.model][key][h.layer] for h in recipe.hops]
+    return config

@@ -1,0 +1,165 @@
+"""Source checkpoints: finding them (local folder, hub ID, GGUF file) and reading their tensors lazily.
+
+This and ``writer.py`` are the only modules that touch model files. Configs are read first and alone, so a
+recipe is validated before any weight is downloaded or read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+from .recipe import RecipeError, Source
+
+__all__ = ["Checkpoint", "read_config", "open_checkpoint", "TOKENIZER_FILES"]
+
+log = logging.getLogger("dfsmerge")
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+                   "generation_config.json")
+_WEIGHT_PATTERNS = ("*.safetensors", "model.safetensors.index.json")
+_BIN_PATTERNS = ("pytorch_model*.bin", "pytorch_model.bin.index.json")
+
+
+def _is_gguf(source: Source) -> bool:
+    path = Path(source.path)
+    return path.suffix == ".gguf" or (path.is_dir() and not (path / "config.json").exists()
+                                      and any(path.glob("*.gguf")))
+
+
+def _hub_download(source: Source, patterns: Iterable[str], cache_dir: str | None) -> Path:
+    """Fetch only the files matching ``patterns`` of a hub repository (or find them in the cache)."""
+    import huggingface_hub
+
+    try:
+        folder = huggingface_hub.snapshot_download(
+            repo_id=source.path, revision=source.revision, cache_dir=cache_dir, allow_patterns=list(patterns)
+        )
+    except Exception as exc:  # the hub library raises many types; the user needs the message, not the class
+        raise RecipeError(f"{source}: not a local folder, and fetching it from the hub failed: {exc}") from None
+    return Path(folder)
+
+
+def read_config(source: Source, cache_dir: str | None = None) -> dict:
+    """The ``config.json`` of a source, downloading nothing else."""
+    if _is_gguf(source):
+        from .gguf import gguf_config
+
+        return gguf_config(source)
+    path = Path(source.path)
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise RecipeError(f"{source}: folder has no config.json")
+        folder = path
+    else:
+        folder = _hub_download(source, ["config.json"], cache_dir)
+    try:
+        return json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise RecipeError(f"{source}: cannot read config.json: {exc}") from None
+
+
+class Checkpoint:
+    """Lazy, read-only access to the tensors of one source. Safetensors tensors are zero-copy views of the
+    memory-mapped files; ``.bin`` files are read with ``torch.load(weights_only=True, mmap=True)``."""
+
+    def __init__(self, source: Source, folder: Path | None, config: dict,
+                 tensors: dict[str, Callable[[], torch.Tensor]], note: str = ""):
+        self.source = source
+        self.folder = folder  # where tokenizer files live, if any
+        self.config = config
+        self._getters = tensors
+        self.note = note  # e.g. "dequantized from GGUF Q4_1", for logs and model cards
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._getters
+
+    def names(self) -> list[str]:
+        return list(self._getters)
+
+    def get(self, name: str) -> torch.Tensor:
+        """One tensor; a clear error when the source lacks it."""
+        if name not in self._getters:
+            raise RecipeError(f"{self.source}: tensor {name!r} is missing from the checkpoint")
+        return self._getters[name]()
+
+    def tokenizer_files(self) -> list[Path]:
+        if self.folder is None:
+            return []
+        return [self.folder / f for f in TOKENIZER_FILES if (self.folder / f).is_file()]
+
+
+def _safetensors_getters(files: list[Path]) -> dict[str, Callable[[], torch.Tensor]]:
+    from safetensors import safe_open
+
+    getters: dict[str, Callable[[], torch.Tensor]] = {}
+    for file in files:
+        try:
+            handle = safe_open(str(file), framework="pt")
+            names = list(handle.keys())
+        except Exception as exc:  # safetensors raises SafetensorError for truncated or corrupt files
+            raise RecipeError(f"{file}: cannot open safetensors file: {exc}") from None
+        for name in names:
+            getters[name] = (lambda h=handle, n=name, f=file: _read(h, n, f))
+    return getters
+
+
+def _read(handle, name: str, file: Path) -> torch.Tensor:
+    try:
+        return handle.get_tensor(name)
+    except Exception as exc:
+        raise RecipeError(f"{file}: cannot read tensor {name!r}: {exc}") from None
+
+
+def _bin_getters(files: list[Path]) -> dict[str, Callable[[], torch.Tensor]]:
+    getters: dict[str, Callable[[], torch.Tensor]] = {}
+    for file in files:
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:
+            raise RecipeError(f"{file}: cannot load with weights_only=True: {exc}") from None
+        for name, tensor in state.items():
+            getters[name] = (lambda t=tensor: t)
+    return getters
+
+
+def _weight_files(folder: Path) -> tuple[str, list[Path]]:
+    for kind, index, single in (("safetensors", "model.safetensors.index.json", "model.safetensors"),
+                                ("bin", "pytorch_model.bin.index.json", "pytorch_model.bin")):
+        if (folder / index).is_file():
+            weight_map = json.loads((folder / index).read_text())["weight_map"]
+            return kind, [folder / f for f in dict.fromkeys(weight_map.values())]
+        if (folder / single).is_file():
+            return kind, [folder / single]
+    files = sorted(folder.glob("*.safetensors"))
+    if files:
+        return "safetensors", files
+    raise RecipeError(f"{folder}: no model.safetensors, safetensors index or pytorch_model.bin found")
+
+
+def open_checkpoint(source: Source, config: dict, cache_dir: str | None = None,
+                    dtype: torch.dtype = torch.float32) -> Checkpoint:
+    """Open a source for reading; hub sources are downloaded (weights, config, tokenizer files only).
+    ``dtype`` only matters for GGUF sources, which are dequantized into memory."""
+    if _is_gguf(source):
+        from .gguf import open_gguf
+
+        return open_gguf(source, dtype)
+    path = Path(source.path)
+    if path.exists():
+        folder = path
+    else:
+        folder = _hub_download(source, ["config.json", *_WEIGHT_PATTERNS, *TOKENIZER_FILES], cache_dir)
+        if not any(folder.glob("*.safetensors")):
+            folder = _hub_download(source, ["config.json", *_BIN_PATTERNS, *TOKENIZER_FILES], cache_dir)
+    kind, files = _weight_files(folder)
+    missing = [f for f in files if not f.is_file()]
+    if missing:
+        raise RecipeError(f"{source}: weight files listed in the index are missing: {[m.name for m in missing]}")
+    getters = _safetensors_getters(files) if kind == "safetensors" else _bin_getters(files)
+    return Checkpoint(source, folder, config, getters)
