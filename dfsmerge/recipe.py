@@ -8,6 +8,7 @@ checks what can be checked without looking at the sources.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,6 +102,8 @@ def _as_tensor(value: Any, field_name: str) -> float | torch.Tensor:
     if isinstance(value, bool) or value is None:
         raise RecipeError(f"{field_name}: expected a number, a vector or a matrix, got {value!r}")
     if isinstance(value, (int, float)):
+        if not math.isfinite(value):
+            raise RecipeError(f"{field_name}: contains NaN or infinity")
         return float(value)
     if isinstance(value, torch.Tensor):
         tensor = value.detach().to(torch.float32)
@@ -384,6 +387,9 @@ def recipe_from_legacy(
     for name, value in (("scaling_factors", scaling_factors), ("bias_factors", bias_factors)):
         if value is not None:
             _check_grid(name, value, grid)
+    for key, value in (("input_layer_model", input_layer_model), ("output_layer_model", output_layer_model)):
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < len(sources):
+            raise RecipeError(f"{key}: expected a model index in 0..{len(sources) - 1}, got {value!r}")
     if not isinstance(add_last_layer, bool):
         raise RecipeError(f"add_last_layer: expected true or false, got {add_last_layer!r}")
     hops = []
@@ -404,11 +410,9 @@ def recipe_from_legacy(
                                       f"got shape {tuple(bias.shape)}")
                 hops.append(Hop(m, layer, Transform(scale, bias), f"layer_mask{where}"))
     if add_last_layer:
-        out = _int(output_layer_model, "output_layer_model")
-        hops.append(Hop(out, grid[2] - 1, Transform(_as_tensor(last_layer_scale, "last_layer_scale")),
+        hops.append(Hop(output_layer_model, grid[2] - 1, Transform(_as_tensor(last_layer_scale, "last_layer_scale")),
                         "add_last_layer"))
-    return Recipe(sources, hops, _int(input_layer_model, "input_layer_model"),
-                  _int(output_layer_model, "output_layer_model"), classification, raw=_raw or {}).check()
+    return Recipe(sources, hops, input_layer_model, output_layer_model, classification, raw=_raw or {}).check()
 
 
 # ---------------------------------------------------------------------------------------------------- writing

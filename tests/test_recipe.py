@@ -1,0 +1,152 @@
+"""Recipe parsing: the legacy file format as real files have it, the native format, safety, field errors."""
+
+import collections
+
+import pytest
+import torch
+import yaml
+
+from dfsmerge.recipe import RecipeError, dump_legacy, dump_native, load_recipe, parse_recipe
+
+LEGACY = """\
+model_paths:
+- !!python/tuple [org/model-a, null]
+- !!python/tuple [org/model-b, abc123]
+num_r: 2
+layer_mask: &mask
+- [[true, false, true], [false, true, false]]
+- [[false, false, true], [true, false, false]]
+scaling_factors:
+- [[0.5, 1.0, 2.0], [1.0, 3.0, 1.0]]
+- [[1.0, 1.0, 4.0], [5.0, 1.0, 1.0]]
+input_layer_model: 0
+output_layer_model: 1
+"""
+
+
+def _write(tmp_path, text, name="r.yml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_legacy_hop_order_scales_and_last_layer(tmp_path):
+    recipe = load_recipe(_write(tmp_path, LEGACY))
+    got = [(h.model, h.layer, h.transform.scale) for h in recipe.hops]
+    # n=0: model 0 layers 0, 2; model 1 layer 1; n=1: model 0 layer 2; model 1 layer 0; then the last layer of
+    # output_layer_model (1) with last_layer_scale 1.
+    assert got == [(0, 0, 0.5), (0, 2, 2.0), (1, 1, 3.0), (0, 2, 4.0), (1, 0, 5.0), (1, 2, 1.0)]
+    assert [(s.path, s.revision) for s in recipe.sources] == [("org/model-a", None), ("org/model-b", "abc123")]
+    assert (recipe.input_model, recipe.output_model) == (0, 1)
+
+
+def test_last_layer_scale_is_a_scale_not_a_bias(tmp_path):
+    recipe = load_recipe(_write(tmp_path, LEGACY + "last_layer_scale: 0.7\n"))
+    last = recipe.hops[-1].transform
+    assert last.scale == pytest.approx(0.7) and not last.has_bias
+
+
+def test_add_last_layer_false(tmp_path):
+    recipe = load_recipe(_write(tmp_path, LEGACY + "add_last_layer: false\n"))
+    assert len(recipe.hops) == 5
+
+
+def test_ordered_dict_wrapper_and_anchors_as_yaml_dump_writes_them(tmp_path):
+    doc = collections.OrderedDict(
+        model_paths=[("a", None), ("b", "main")], num_r=1,
+        layer_mask=[[[True, False], [False, True]]],
+        scaling_factors=[[[1.0, 2.0], [3.0, [1.0, 2.0, 3.0, 4.0]]]],
+        bias_factors=[[[0.0, 0.0], [0.0, [0.1, 0.2, 0.3, 0.4]]]],
+        input_layer_model=0, output_layer_model=0, add_last_layer=False)
+    text = yaml.dump(doc)  # PyYAML's own output: OrderedDict tag plus !!python/tuple
+    assert "!!python/object/apply:collections.OrderedDict" in text and "!!python/tuple" in text
+    recipe = load_recipe(_write(tmp_path, text))
+    assert [(h.model, h.layer) for h in recipe.hops] == [(0, 0), (1, 1)]
+    vector = recipe.hops[1].transform
+    assert torch.equal(vector.scale, torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    assert torch.allclose(vector.bias, torch.tensor([0.1, 0.2, 0.3, 0.4]))
+
+
+def test_alias_shares_the_mask(tmp_path):
+    text = LEGACY.replace("scaling_factors:\n- [[0.5, 1.0, 2.0], [1.0, 3.0, 1.0]]\n- [[1.0, 1.0, 4.0], [5.0, 1.0, 1.0]]\n",
+                          "scaling_factors: *mask\n")
+    with pytest.raises(RecipeError, match=r"scaling_factors\[0\]\[0\]\[0\]: expected a number"):
+        load_recipe(_write(tmp_path, text))  # booleans are not scales: the alias resolved to the mask
+
+
+@pytest.mark.parametrize("tag", ["!!python/object/apply:os.system [\"touch {p}\"]",
+                                 "!!python/name:os.system", "!!python/object:collections.Counter {{}}",
+                                 "!!python/object/new:subprocess.Popen [[touch, {p}]]", "!custom 1"])
+def test_other_python_tags_are_refused_and_run_nothing(tmp_path, tag):
+    marker = tmp_path / "pwned"
+    text = LEGACY + "extra: " + tag.format(p=marker) + "\n"
+    with pytest.raises(RecipeError, match="refusing"):
+        load_recipe(_write(tmp_path, text))
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("edit, message", [
+    (("num_r: 2", "num_r: 3"), r"layer_mask: expected shape \(3, 2, n_layers\), got \(2, 2, 3\)"),
+    (("num_r: 2", "num_r: zero"), r"num_r: expected an integer"),
+    (("- [[0.5, 1.0, 2.0], [1.0, 3.0, 1.0]]\n", "- [[0.5, 1.0], [1.0, 3.0]]\n"),
+     r"scaling_factors: expected shape \(2, 2, 3\)"),
+    (("[[1.0, 1.0, 4.0], [5.0, 1.0, 1.0]]", "[[1.0, 1.0, [[1, 2]]], [5.0, 1.0, 1.0]]"),
+     r"scaling_factors\[1\]\[0\]\[2\]: expected a scalar, a length-H vector or an H x H matrix"),
+    (("input_layer_model: 0", "input_layer_model: 2"), r"input_layer_model: expected a model index in 0..1, got 2"),
+    (("output_layer_model: 1", "output_layer_model: -1"), r"output_layer_model: expected a model index"),
+    (("- !!python/tuple [org/model-b, abc123]", "- 42"), r"model_paths\[1\]: expected a path or hub ID"),
+    (("input_layer_model: 0", "input_layer_model: 0\nlayer_masks: 1"), r"unknown keys \['layer_masks'\]"),
+    (("[[true, false, true], [false, true, false]]", "[[true, false, true], [false, true]]"),
+     r"layer_mask: expected shape \(2, 2, n_layers\), got a ragged"),
+])
+def test_each_malformed_field_has_its_own_error(tmp_path, edit, message):
+    assert edit[0] in LEGACY
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(_write(tmp_path, LEGACY.replace(*edit)))
+
+
+def test_empty_mask_is_an_error(tmp_path):
+    text = LEGACY.replace("true", "false") + "add_last_layer: false\n"
+    with pytest.raises(RecipeError, match="selects no layer"):
+        load_recipe(_write(tmp_path, text))
+
+
+def test_native_format_and_round_trip(tmp_path):
+    text = """\
+models: [./a, {path: org/b, revision: v1}]
+input_model: 1
+output_model: 0
+hops:
+  - {model: 0, layer: 3}
+  - {model: 1, layer: 3, scale: 0.9}
+  - {model: 0, layer: 3, scale: [1.0, 2.0], bias: [0.5, 0.5]}
+"""
+    recipe = load_recipe(_write(tmp_path, text))
+    assert [(h.model, h.layer) for h in recipe.hops] == [(0, 3), (1, 3), (0, 3)]
+    assert recipe.sources[1].revision == "v1"
+    again = parse_recipe(yaml.safe_load(dump_native(recipe)))
+    assert [(h.model, h.layer, h.transform.to_yaml()) for h in again.hops] == \
+           [(h.model, h.layer, h.transform.to_yaml()) for h in recipe.hops]
+    assert (again.input_model, again.output_model) == (1, 0)
+
+
+@pytest.mark.parametrize("hops, message", [
+    ("[{model: 2, layer: 0}]", r"hops\[0\].model: expected a model index in 0..1, got 2"),
+    ("[{model: 0, layer: -1}]", r"hops\[0\].layer: expected a layer index >= 0"),
+    ("[{model: 0, layer: 0, scale: [1.0, 2.0]}, {model: 0, layer: 1, scale: [1.0, 2.0, 3.0]}]",
+     r"different hidden sizes"),
+    ("[{model: 0, layer: 0, scal: 2}]", r"hops\[0\]: unknown keys \['scal'\]"),
+    ("[{model: 0, layer: 0, scale: .nan}]", r"hops\[0\].scale: contains NaN"),
+])
+def test_native_errors(tmp_path, hops, message):
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(_write(tmp_path, f"models: [a, b]\nhops: {hops}\n"))
+
+
+def test_legacy_dump_loads_back(tmp_path):
+    from dfsmerge.recipe import Source
+
+    text = dump_legacy([Source("a"), Source("b", "r1")], [[[True, False], [True, True]]],
+                       [[[0.5, 1.0], [1.5, 2.0]]])
+    recipe = load_recipe(_write(tmp_path, text))
+    assert [(h.model, h.layer, h.transform.scale) for h in recipe.hops] == [(0, 0, 0.5), (1, 0, 1.5), (1, 1, 2.0)]
