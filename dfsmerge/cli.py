@@ -8,6 +8,7 @@ import logging
 import sys
 from typing import Callable
 
+from .plan import DTYPES
 from .recipe import RecipeError
 
 __all__ = ["main"]
@@ -25,7 +26,16 @@ def cmd_merge(args: argparse.Namespace) -> None:
     from .merge import merge
 
     out = merge(args.recipe, args.output, dtype=args.dtype, device=args.device, max_shard_size=args.max_shard_size,
-                force=args.force, quiet=args.quiet, cache_dir=args.cache_dir)
+                force=args.force, quiet=args.quiet, cache_dir=args.cache_dir, format=args.format)
+    if not args.quiet:
+        print(f"wrote {out}")
+
+
+def cmd_flatten(args: argparse.Namespace) -> None:
+    from .compact import flatten
+
+    out = flatten(args.input, args.output, dtype=args.dtype, max_shard_size=args.max_shard_size, force=args.force,
+                  quiet=args.quiet, cache_dir=args.cache_dir)
     if not args.quiet:
         print(f"wrote {out}")
 
@@ -43,8 +53,11 @@ def cmd_plan(args: argparse.Namespace) -> None:
     print(f"output: {plan.config['architectures'][0]}, {len(recipe.hops)} layers "
           f"({len(recipe.used_layers())} distinct source layers)")
     print(f"parameters: {plan.num_params():,}")
-    print(f"size on disk ({args.dtype}): flat {_size(plan.nbytes(args.dtype))}, "
-          f"compact {_size(plan.compact_params() * plan.nbytes(args.dtype) // max(1, plan.num_params()))}")
+    try:
+        compact = _size(plan.compact_params() * DTYPES[args.dtype].itemsize)
+    except RecipeError as exc:
+        compact = f"not available ({exc})"
+    print(f"size on disk ({args.dtype}): flat {_size(plan.nbytes(args.dtype))}, compact {compact}")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -66,7 +79,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--format", default="flat", choices=["flat", "compact"],
+                   help="flat (default): a plain model, one layer per hop; compact: each source layer stored once, "
+                   "run by the modeling file the folder carries")
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("flatten", help="turn a compact DFS checkpoint (ours, Sakana's EvoLLM layout, the affine "
+                       "layout) into a plain model folder")
+    p.add_argument("input", help="compact DFS checkpoint folder or hub ID")
+    p.add_argument("output", help="output folder (must not exist unless --force)")
+    p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                   help="output dtype (default: the input's)")
+    p.add_argument("--cache-dir", default=None, help="Hugging Face cache folder for a hub input")
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_flatten)
 
     p = sub.add_parser("plan", help="show the hop table and output size, reading no weights")
     p.add_argument("recipe")

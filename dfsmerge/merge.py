@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import torch
 
 from .plan import Plan, make_plan
-from .recipe import Recipe, dump_native, load_recipe, recipe_from_legacy
+from .recipe import Recipe, RecipeError, dump_native, load_recipe, recipe_from_legacy
 from .sources import Checkpoint, open_checkpoint, read_config
 from .writer import atomic_folder, check_target, parse_size, write_tensors
 
@@ -27,10 +27,18 @@ def _as_recipe(recipe: Recipe | str | Path) -> Recipe:
     return recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
 
 
-def plan_recipe(recipe: Recipe | str | Path, dtype: str = "bfloat16", cache_dir: str | None = None) -> Plan:
-    """Validate a recipe against its sources' configs (no weights read) and plan the output."""
+def plan_recipe(recipe: Recipe | str | Path, dtype: str = "bfloat16", cache_dir: str | None = None,
+                format: str = "flat") -> Plan:
+    """Validate a recipe against its sources' configs (no weights read) and plan the output in ``format``
+    (``"flat"`` or ``"compact"``)."""
+    if format not in ("flat", "compact"):
+        raise RecipeError(f"format: expected 'flat' or 'compact', got {format!r}")
     recipe = _as_recipe(recipe)
     configs = [read_config(s, cache_dir) for s in recipe.sources]
+    if format == "compact":
+        from .compact import compact_plan
+
+        return compact_plan(recipe, configs, dtype)
     return make_plan(recipe, configs, dtype)
 
 
@@ -53,19 +61,26 @@ def merge(
     quiet: bool = False,
     cache_dir: str | None = None,
     command: str | None = None,
+    format: str = "flat",
 ) -> Path:
     """Execute ``recipe`` into a plain ``*ForCausalLM`` / ``*ForSequenceClassification`` folder at
-    ``output_path``. Everything is validated before any weight is read; the folder appears only when complete."""
+    ``output_path``, or with ``format="compact"`` into a compact DFS checkpoint (each used source layer stored
+    once; see ``compact.py``). Everything is validated before any weight is read; the folder appears only when
+    complete."""
     target = Path(output_path)
     check_target(target, force)
     parse_size(max_shard_size)
-    plan = plan_recipe(recipe, dtype, cache_dir)
+    plan = plan_recipe(recipe, dtype, cache_dir, format)
     checkpoints = open_sources(plan, cache_dir)
     log.info("merging %d hops from %d sources into %s", len(plan.recipe.hops), len(plan.recipe.sources), target)
     with atomic_folder(target, force) as tmp:
         write_tensors(tmp, plan.tasks, lambda m, name: checkpoints[m].get(name), dtype, max_shard_size, device,
                       progress=not quiet)
         write_metadata(tmp, plan, checkpoints, command or _command_line())
+        if format == "compact":
+            from .compact import write_modeling_file
+
+            write_modeling_file(tmp)
     return target
 
 
@@ -90,8 +105,7 @@ def model_card(plan: Plan, checkpoints: Sequence[Checkpoint | None], command: st
     lines = ["---", "library_name: transformers", "tags: [merge, dfsmerge, data-flow-space]", "---", "",
              "# DFS merge", "",
              f"Made with [dfsmerge](https://github.com/) by a data-flow-space merge of {len(recipe.sources)} "
-             f"models: {len(recipe.hops)} decoder layers, a plain `{plan.config['architectures'][0]}` "
-             "that needs no custom code.", "", "## Sources", ""]
+             f"models: {len(recipe.hops)} decoder layers, {_kind_of_output(plan)}", "", "## Sources", ""]
     for i, src in enumerate(recipe.sources):
         note = checkpoints[i].note if checkpoints[i] is not None and checkpoints[i].note else ""
         lines.append(f"- {i}: `{src.path}` revision `{src.revision or 'default'}`" + (f" ({note})" if note else ""))
@@ -99,6 +113,14 @@ def model_card(plan: Plan, checkpoints: Sequence[Checkpoint | None], command: st
               f"{recipe.output_model}.", "", "## Hops", "", recipe.hop_table(), "", "## Command", "",
               f"    {command}", "", "The recipe is in `dfsmerge_recipe.yml`.", ""]
     return "\n".join(lines)
+
+
+def _kind_of_output(plan: Plan) -> str:
+    if "dfs_hops" in plan.config:
+        return ("a compact checkpoint: each source layer is stored once and run by the `modeling_dfs.py` beside "
+                "it (load with `trust_remote_code=True`, or with dfsmerge installed); `dfsmerge flatten` turns it "
+                "into a plain model.")
+    return f"a plain `{plan.config['architectures'][0]}` that needs no custom code."
 
 
 def dfs_execute_from_config(

@@ -30,7 +30,8 @@ class TensorTask:
 
     ``fold`` is ``"copy"`` (as is), ``"rows"`` (``T`` on each row, bias included: embeddings), ``"down"``
     (``S W``: a down projection's weight), ``"down_bias"`` (``S b + b_T``; ``src_name`` may be None for a
-    source without bias) or ``"zeros"``.
+    source without bias), ``"zeros"``, or ``"scale"`` / ``"bias"`` (``transform``'s own ``S`` or ``b``, which the
+    compact format stores; no source is read).
     """
 
     name: str
@@ -49,6 +50,9 @@ class TensorTask:
 
     def chunks(self, get: Callable[[int, str], torch.Tensor], device: str = "cpu") -> Iterator[torch.Tensor]:
         """The output tensor in consecutive row chunks (float32 where folded, the source dtype where copied)."""
+        if self.fold in ("scale", "bias"):
+            yield torch.as_tensor(getattr(self.transform, self.fold), dtype=torch.float32).reshape(self.shape)
+            return
         if self.fold == "zeros" or (self.fold == "down_bias" and self.src_name is None):
             source = torch.zeros(self.shape, dtype=torch.float32)
         else:
@@ -94,17 +98,10 @@ class Plan:
         return self.num_params() * DTYPES[dtype].itemsize
 
     def compact_params(self) -> int:
-        """Parameters if each used source layer were stored once (the compact format)."""
-        per_layer = sum(_numel(s) for s in self.family.layer_tensors(self.configs[self.recipe.output_model]).values())
-        global_params = self.num_params() - len(self.recipe.hops) * per_layer
-        return global_params + len(self.recipe.used_layers()) * per_layer
+        """Parameters of the same recipe in the compact format (each used source layer stored once)."""
+        from .compact import compact_plan
 
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
+        return compact_plan(self.recipe, self.configs).num_params()
 
 
 def _validate(recipe: Recipe, configs: list[dict]) -> Family:
@@ -129,9 +126,6 @@ def _validate(recipe: Recipe, configs: list[dict]) -> Family:
     if vin != vout:
         raise RecipeError(f"input_layer_model/output_layer_model: vocabulary sizes differ ({vin} vs {vout}); "
                           "the embeddings and the head must share one vocabulary")
-    if any(h.transform.has_bias for h in recipe.hops[1:]) and families[0].mlp_bias_key is None:
-        raise RecipeError(f"bias_factors: a {families[0].model_type} model has no MLP bias to fold a bias into; "
-                          "use scales only, or --format compact")
     return families[0]
 
 
@@ -159,6 +153,9 @@ def make_plan(recipe: Recipe, configs: list[dict], dtype: str = "bfloat16") -> P
     if dtype not in DTYPES:
         raise RecipeError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
     family = _validate(recipe, configs)
+    if any(h.transform.has_bias for h in recipe.hops[1:]) and family.mlp_bias_key is None:
+        raise RecipeError(f"bias_factors: a {family.model_type} model has no MLP bias to fold a bias into; "
+                          "use scales only, or --format compact")
     out_cfg = configs[recipe.output_model]
     classification = _is_classifier(out_cfg) if recipe.classification is None else recipe.classification
     if classification and not _is_classifier(out_cfg):

@@ -1,0 +1,160 @@
+"""Candidate models in memory: source models loaded once, each candidate a DFS model over their tensors.
+
+``assemble`` builds the model of ``modeling_dfs.py`` (the same classes the compact format loads into) from
+loaded source models instead of from a checkpoint: its stored layers, embeddings, norm and head are copies of
+the sources' *module objects* that share every tensor, so building a candidate copies no weight and reads no
+file, and a layer used by several hops exists once. Hooks, modes and attributes set on a candidate stay on that
+candidate; what changes its tensors (in-place updates, and ``to()`` / ``half()``, which replace a parameter's data
+in place) reaches the sources and every other candidate.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from .compact import compact_plan
+from .families import family_of
+from .plan import DTYPES, _is_classifier
+from .recipe import Recipe, RecipeError, Source, Transform, load_recipe
+from .sources import open_checkpoint, read_config
+
+__all__ = ["Sources", "assemble"]
+
+_TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json"}
+
+
+class Sources:
+    """Source models loaded once with transformers (``dtype``, ``device``) and kept, so that assembling many
+    candidates does no I/O. Configs are read when a source is first named, weights when a candidate first needs
+    them; local folders, hub IDs and GGUF files are found as ``merge`` finds them."""
+
+    def __init__(self, sources: Iterable[Source | str] = (), dtype: str = "bfloat16", device: str = "cpu",
+                 cache_dir: str | None = None):
+        if dtype not in DTYPES:
+            raise RecipeError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
+        self.dtype, self.device, self.cache_dir = dtype, device, cache_dir
+        self._configs: dict[Source, dict] = {}
+        self._loaded: dict[Source, tuple[Any, Any]] = {}  # source -> (model, tokenizer or None)
+        for source in sources:
+            self.config(source)
+
+    def config(self, source: Source | str) -> dict:
+        """The source's ``config.json`` (no weights read)."""
+        source = _as_source(source)
+        if source not in self._configs:
+            self._configs[source] = read_config(source, self.cache_dir)
+        return self._configs[source]
+
+    def model(self, source: Source | str) -> Any:
+        """The source as its own ``*ForCausalLM`` / ``*ForSequenceClassification``, loaded on first use."""
+        return self._load(_as_source(source))[0]
+
+    def tokenizer(self, source: Source | str) -> Any:
+        """The tokenizer beside the source (None when it has none)."""
+        return self._load(_as_source(source))[1]
+
+    def add(self, source: Source | str, model: Any, tokenizer: Any = None) -> None:
+        """Use an already-loaded model (of this object's dtype and device) as ``source``."""
+        source = _as_source(source)
+        self._configs[source] = model.config.to_dict()
+        self._loaded[source] = (model, tokenizer)
+
+    def _load(self, source: Source) -> tuple[Any, Any]:
+        if source not in self._loaded:
+            import transformers
+
+            config = self.config(source)
+            family = family_of(config, str(source))
+            checkpoint = open_checkpoint(source, config, self.cache_dir, DTYPES[self.dtype])
+            cls = getattr(transformers, family.classifier if _is_classifier(config) else family.causal_lm)
+            model = cls.from_pretrained(None, config=transformers.AutoConfig.for_model(**config),
+                                        state_dict={n: checkpoint.get(n) for n in checkpoint.names()},
+                                        dtype=DTYPES[self.dtype])
+            tokenizer = None
+            if {f.name for f in checkpoint.tokenizer_files()} & _TOKENIZER_FILES:
+                tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint.folder)
+            self._loaded[source] = (model.to(self.device).eval(), tokenizer)
+        return self._loaded[source]
+
+
+def _as_source(source: Source | str) -> Source:
+    return source if isinstance(source, Source) else Source(str(source))
+
+
+def share(module: nn.Module) -> nn.Module:
+    """A copy of ``module``'s tree of module objects that shares every parameter and buffer with it, but has
+    its own hooks, attributes and children tables."""
+    clone = copy.copy(module)
+    clone.__dict__.update({k: v for k, v in vars(nn.Module()).items() if "hook" in k})
+    clone._parameters = dict(module._parameters)
+    clone._buffers = dict(module._buffers)
+    clone._modules = {name: None if child is None else share(child) for name, child in module._modules.items()}
+    return clone
+
+
+def _filled(module: nn.Module, transform: Transform) -> nn.Module:
+    """A fresh ``HopTransform`` with the values of a recipe's transform."""
+    with torch.no_grad():
+        for part in ("scale", "bias"):
+            if getattr(module, part) is not None:
+                getattr(module, part).copy_(torch.as_tensor(getattr(transform, part)))
+    return module
+
+
+def assemble(
+    recipe: Recipe | str | Path,
+    sources: Sources | None = None,
+    dtype: str | None = None,
+    device: str | None = None,
+    cache_dir: str | None = None,
+) -> tuple[Any, Any]:
+    """Build ``recipe`` in memory: ``(model, tokenizer)``, the model a ``DFS*ForCausalLM`` /
+    ``DFS*ForSequenceClassification`` (subclasses of the family's) over the tensors of the loaded sources.
+
+    Pass the same ``sources`` to many calls to load each source once. ``dtype`` (default ``"bfloat16"``),
+    ``device`` (default ``"cpu"``) and ``cache_dir`` are those of ``sources`` when it is given; passing
+    different ones is an error. The recipe is validated against the source configs before any weight is read.
+    ``model.save_pretrained(path)`` writes the flat format; ``format="compact"`` the compact one.
+    """
+    from .modeling_dfs import DFS_CLASSES, HopTransform
+
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    if sources is None:
+        sources = Sources(dtype=dtype or "bfloat16", device=device or "cpu", cache_dir=cache_dir)
+    for name, value in (("dtype", dtype), ("device", device), ("cache_dir", cache_dir)):
+        if value is not None and value != getattr(sources, name):
+            raise RecipeError(f"{name}: {value!r} differs from the sources' {getattr(sources, name)!r}")
+    plan = compact_plan(recipe, [sources.config(s) for s in recipe.sources], sources.dtype)
+    config_class, causal_lm, classifier = DFS_CLASSES[plan.family.model_type]
+    config = config_class(**{**plan.config, "dfs_layers": [], "dfs_hops": []})
+    with torch.device("meta"):  # a shell without layers or transforms: those with weights are attached below
+        model = (classifier if plan.classification else causal_lm)(config)
+    config.dfs_layers, config.dfs_hops = plan.config["dfs_layers"], plan.config["dfs_hops"]
+
+    needed = {h.model for h in recipe.hops} | {recipe.input_model, recipe.output_model}
+    loaded = {i: sources.model(s) for i, s in enumerate(recipe.sources) if i in needed}
+    first, last = loaded[recipe.input_model], loaded[recipe.output_model]
+    decoder = model.model
+    decoder.embed_tokens = share(first.model.embed_tokens)
+    decoder.norm = share(last.model.norm)
+    decoder.rotary_emb = share(last.model.rotary_emb)
+    decoder.dfs_layers = nn.ModuleList(share(loaded[m].model.layers[layer]) for m, layer in recipe.used_layers())
+    with torch.device(sources.device):
+        decoder.dfs_transforms = nn.ModuleDict({
+            str(k): _filled(HopTransform(config.hidden_size, scale, bias), recipe.hops[k].transform)
+            for k, (_, scale, bias) in enumerate(config.dfs_hops) if scale or bias
+        }).to(DTYPES[sources.dtype])
+    if plan.classification:
+        model.score = share(last.score)
+    else:
+        model.lm_head = share(last.lm_head)
+    model.eval()  # before the hop views exist: they copy the mode of the layers they view
+    decoder.link_hops()
+    if model.can_generate():
+        model.generation_config = copy.deepcopy(first.generation_config)
+    return model, sources.tokenizer(recipe.sources[recipe.input_model])
