@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from typing import Callable
 
@@ -60,6 +61,62 @@ def cmd_plan(args: argparse.Namespace) -> None:
     print(f"size on disk ({args.dtype}): flat {_size(plan.nbytes(args.dtype))}, compact {compact}")
 
 
+SEARCH_EXAMPLE = """example search.yml:
+  models: [path_or_hub_id_A, path_or_hub_id_B]   # or {path, revision}
+  num_r: 3                  # repetitions of the layer sequence
+  input_layer_model: 0
+  output_layer_model: 0
+  dtype: bfloat16           # of the candidates during the search (float32 is faster on most CPUs)
+  search:
+    population: 16          # CMA-ES population per generation
+    generations: 25
+    seed: 0
+    scales: [0.5, 1.5]      # per-slot scale range; false keeps all scales at 1
+    keep_ends: true         # input model's first layer starts the path, output model's last layer ends it
+    init: own_order         # CMA-ES starts at the input model's own layer order (or: center)
+    max_hops: 64            # optional bound on the path length
+    sigma0: 0.17            # optional initial step, as a fraction of each parameter's range
+  evaluator:
+    type: loglik            # or choice, generate, or `python: module:function`
+    data: data.jsonl
+    validation: 0.2         # held-out share that chooses the reported best
+"""
+
+
+def cmd_evolve(args: argparse.Namespace) -> None:
+    from .evolve import evolve, load_search
+
+    result = evolve(load_search(args.search), args.out, storage=args.storage, study_name=args.study,
+                    merge_best=args.merge_best, quiet=args.quiet)
+    held_out = "" if result.best_validation is None else f", held-out {result.best_validation:.5g}"
+    print(f"{result.done} trials; best score {result.best_score:.5g}{held_out}: {result.best_recipe}")
+    if args.merge_best:
+        print(f"merged the best recipe into {args.merge_best}")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from .evaluate import Loglik, load_model, make_evaluators
+
+    spec: dict = {"data": args.data, "validation": 0, "batch_size": args.batch_size, "max_length": args.max_length,
+                  "max_new_tokens": args.max_new_tokens}
+    if args.evaluator.startswith("python:"):
+        spec["python"] = args.evaluator[len("python:"):]
+    else:
+        spec["type"] = args.evaluator
+    if args.max_examples:
+        spec["max_examples"] = args.max_examples
+    if args.answer_regex:
+        spec["answer_regex"] = args.answer_regex
+    evaluator, _ = make_evaluators(spec)
+    width = max(len(t) for t in args.models)
+    extra = "  perplexity" if isinstance(evaluator, Loglik) else ""
+    print(f"{'model':<{width}}  {evaluator.metric:>12}{extra}  ({len(evaluator)} examples)")
+    for target in args.models:
+        model, tokenizer = load_model(target, args.dtype, args.device, args.cache_dir)
+        score = evaluator(model, tokenizer)
+        print(f"{target:<{width}}  {score:>12.5g}" + (f"  {math.exp(-score):>10.4g}" if extra else ""), flush=True)
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                    help="output dtype (the folding math runs in float32 first)")
@@ -100,6 +157,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe")
     _common(p)
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("evolve", help="search DFS recipes by evolution (CMA-ES), resumable and distributed",
+                       epilog=SEARCH_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("search", help="search YAML")
+    p.add_argument("--out", required=True, help="run folder; an existing one is resumed")
+    p.add_argument("--storage", default=None, help="Optuna storage URL shared by all workers, e.g. "
+                   "postgresql://user@host/db (default: sqlite in the run folder)")
+    p.add_argument("--study", default=None, help="study name in the storage (default: the run folder's name)")
+    p.add_argument("--merge-best", default=None, metavar="OUT", help="merge the best recipe into OUT at the end")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=cmd_evolve)
+
+    p = sub.add_parser("eval", help="score models, recipes or sources on a JSONL task")
+    p.add_argument("models", nargs="+", metavar="MODEL_OR_RECIPE",
+                   help="a model folder, a recipe YAML (assembled in memory), a .gguf file or a hub ID")
+    p.add_argument("--data", required=True, help="JSONL examples")
+    p.add_argument("--evaluator", default="loglik", help="loglik (default), choice, generate, or "
+                   "python:module:function")
+    p.add_argument("--max-examples", type=int, default=None, help="use only the first N examples")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=1024, help="tokens per example (longer ones are cut)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="generate: the cap on new tokens")
+    p.add_argument("--answer-regex", default=None, help="generate: the answer is the last match (default: the "
+                   "last number)")
+    p.add_argument("--dtype", default="float32", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--cache-dir", default=None, help="Hugging Face cache folder for hub sources")
+    p.set_defaults(func=cmd_eval)
     return parser
 
 
