@@ -36,8 +36,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .evaluate import make_evaluators
-from .recipe import Recipe, RecipeError, Source, _load_yaml, _parse_source, dump_legacy, dump_native, \
-    recipe_from_legacy
+from .recipe import (Recipe, RecipeError, Source, _load_yaml, _parse_source, dump_legacy, dump_native,
+                     recipe_from_legacy)
 
 __all__ = ["SearchConfig", "SearchSpace", "load_search", "parse_search", "evolve", "done_trials"]
 
@@ -441,13 +441,18 @@ def write_plots(folder: Path, done: list[Any], population: int, space: SearchSpa
             for layer in range(n_l):
                 if mask[n][m][layer]:
                     grid[m, n * n_l + layer] = scales[n][m][layer]
-    fig, ax = plt.subplots(figsize=(max(6, 0.25 * n_r * n_l + 2), 1.2 + 0.6 * n_m))
+    fig, ax = plt.subplots(figsize=(min(16, max(6, 0.25 * n_r * n_l + 2)), 1.4 + 0.6 * n_m))
     image = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap="viridis", interpolation="nearest")
     ax.set_yticks(range(n_m), [f"model {m}" for m in range(n_m)])
-    ax.set_xticks([n * n_l for n in range(n_r)], [f"r{n} L0" for n in range(n_r)])
+    step = max(1, n_l // 8)
+    ticks = [n * n_l + layer for n in range(n_r) for layer in range(0, n_l, step)]
+    ax.set_xticks(ticks, [str(t % n_l) for t in ticks], fontsize=7)
+    ax.set_xlabel("layer, in repetitions 0.." + str(n_r - 1) + " (separated by lines)"
+                  + (f"; model {space.config.output_model}'s last layer is appended" if space.config.keep_ends else ""))
     for n in range(1, n_r):
         ax.axvline(n * n_l - 0.5, color="black", linewidth=0.8)
-    ax.set_title(f"best recipe (trial {best.number}, score {best.value:.4g}): used slots coloured by scale",
+    held_out = f", held-out {best.user_attrs['validation']:.4g}" if "validation" in best.user_attrs else ""
+    ax.set_title(f"best recipe: trial {best.number}, score {best.value:.4g}{held_out}; used slots coloured by scale",
                  fontsize=9)
     fig.colorbar(image, ax=ax, label="scale")
     fig.tight_layout()

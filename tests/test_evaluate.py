@@ -9,10 +9,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from conftest import VOCAB, make_tiny_source, make_tiny_tokenizer
-from dfsmerge.evaluate import (Choice, Generate, Loglik, load_jsonl, make_evaluators, perplexity,
-                               split_examples)
+
+from dfsmerge.evaluate import Choice, Generate, Loglik, load_jsonl, make_evaluators, perplexity, split_examples
 from dfsmerge.recipe import RecipeError
 
 WORDS = [w for w in VOCAB if not w.startswith("<")]
@@ -167,15 +166,19 @@ def test_bad_json_line_is_named(tmp_path):
 
 
 def test_eval_command_compares_models(tmp_path, capsys):
-    from dfsmerge.cli import main
     from transformers import AutoModelForCausalLM
+
+    from dfsmerge.cli import main
 
     folders = [make_tiny_source(tmp_path / f"m{s}", seed=s) for s in (6, 7)]
     data = tmp_path / "t.jsonl"
     texts = _texts(5, seed=8)
     data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    assert main(["eval", *map(str, folders), "--data", str(data), "--batch-size", "2"]) == 0
+    identity = tmp_path / "identity.yml"  # model 6 as a recipe, assembled in memory: the same score
+    identity.write_text(f"models: [{folders[0]}]\nhops: [{{layer: 0}}, {{layer: 1}}, {{layer: 2}}, {{layer: 3}}]\n")
+    assert main(["eval", *map(str, folders), str(identity), "--data", str(data), "--batch-size", "2"]) == 0
     lines = capsys.readouterr().out.splitlines()
+    assert lines[3].split()[1:] == lines[1].split()[1:]
     assert "loglik" in lines[0] and "perplexity" in lines[0] and "(5 examples)" in lines[0]
     tokenizer = make_tiny_tokenizer()
     for folder, line in zip(folders, lines[1:]):

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import BOS_ID, ROOT, make_tiny_source, make_tiny_tokenizer
+
 from dfsmerge.evolve import SearchConfig, SearchSpace, done_trials, evolve, load_search, parse_search
 from dfsmerge.recipe import Hop, Recipe, RecipeError, Source, Transform, load_recipe
 
