@@ -544,6 +544,8 @@ class _Worker:
             study.stop()
 
     def report_generation(self, done: list[Any], g: int) -> None:
+        if self.quiet:
+            return
         population = self.config.population
         values = [t.value for t in done[g * population:(g + 1) * population] if t.value is not None]
         best = max((t.value for t in done[:(g + 1) * population] if t.value is not None), default=math.nan)
@@ -554,8 +556,7 @@ class _Worker:
         line = (f"generation {g + 1}/{self.config.generations}: best {best:.5g}  median "
                 f"{statistics.median(values) if values else math.nan:.5g}  {rate:.2f} trials/s  ETA {_duration(eta)}"
                 + (f"  ({failed} failed)" if failed else ""))
-        if not self.quiet:
-            _print(line, self.bar)
+        _print(line, self.bar)
 
     def write_best(self, trials: list[Any]) -> None:
         best = best_trial(trials)
@@ -598,9 +599,9 @@ def _duration(seconds: float) -> str:
 class EvolveResult:
     """What one worker leaves behind."""
 
-    best_recipe: Path | None
-    best_score: float | None
-    best_validation: float | None
+    best_recipe: Path
+    best_score: float
+    best_validation: float | None  # the held-out score, when the evaluator holds examples out
     done: int
     timing: Timing
 
