@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .evaluate import make_evaluators
-from .recipe import (Recipe, RecipeError, Source, _load_yaml, _parse_source, dump_legacy, dump_native,
+from .recipe import (Recipe, RecipeError, Source, load_yaml, parse_source, dump_legacy, dump_native,
                      recipe_from_legacy)
 
 __all__ = ["SearchConfig", "SearchSpace", "load_search", "parse_search", "evolve", "done_trials"]
@@ -106,7 +106,7 @@ def parse_search(doc: dict, base: Path = Path(".")) -> SearchConfig:
             raise RecipeError(f"{key}: missing (see `dfsmerge evolve --help` for an example)")
     if not isinstance(doc["models"], list) or not doc["models"]:
         raise RecipeError(f"models: expected a list of paths or hub IDs, got {doc['models']!r}")
-    sources = [_parse_source(m, f"models[{i}]") for i, m in enumerate(doc["models"])]
+    sources = [parse_source(m, f"models[{i}]") for i, m in enumerate(doc["models"])]
     search = doc.get("search") or {}
     if not isinstance(search, dict):
         raise RecipeError(f"search: expected a mapping of search settings, got {search!r}")
@@ -166,7 +166,7 @@ def load_search(path: str | os.PathLike) -> SearchConfig:
     except OSError as exc:
         raise RecipeError(f"cannot read search file {path}: {exc.strerror}") from None
     base = path.resolve().parent
-    config = parse_search(_load_yaml(text, str(path)), base)
+    config = parse_search(load_yaml(text, str(path)), base)
     config.sources = [Source(str(base / s.path), s.revision) if (base / s.path).exists()
                       and not Path(s.path).is_absolute() else s for s in config.sources]
     depths = [int(read_config(s, config.cache_dir)["num_hidden_layers"]) for s in config.sources]

@@ -104,7 +104,7 @@ def model_card(plan: Plan, checkpoints: Sequence[Checkpoint | None], command: st
     recipe = plan.recipe
     lines = ["---", "library_name: transformers", "tags: [merge, dfsmerge, data-flow-space]", "---", "",
              "# DFS merge", "",
-             f"Made with [dfsmerge](https://github.com/) by a data-flow-space merge of {len(recipe.sources)} "
+             f"Made with dfsmerge by a data-flow-space merge of {len(recipe.sources)} "
              f"models: {len(recipe.hops)} decoder layers, {_kind_of_output(plan)}", "", "## Sources", ""]
     for i, src in enumerate(recipe.sources):
         note = checkpoints[i].note if checkpoints[i] is not None and checkpoints[i].note else ""

@@ -25,6 +25,8 @@ __all__ = [
     "Recipe",
     "load_recipe",
     "parse_recipe",
+    "load_yaml",
+    "parse_source",
     "recipe_from_legacy",
     "dump_legacy",
     "dump_native",
@@ -74,7 +76,8 @@ _RecipeLoader.add_multi_constructor("tag:yaml.org,2002:python/", _refuse)
 _RecipeLoader.add_multi_constructor("!", _refuse)
 
 
-def _load_yaml(text: str, where: str) -> dict:
+def load_yaml(text: str, where: str) -> dict:
+    """Parse recipe-style YAML safely (only the two legacy Python tags); ``where`` names the file in errors."""
     try:
         doc = yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
@@ -258,7 +261,7 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
         text = path.read_text()
     except OSError as exc:
         raise RecipeError(f"cannot read recipe {path}: {exc.strerror}") from None
-    recipe = parse_recipe(_load_yaml(text, str(path)))
+    recipe = parse_recipe(load_yaml(text, str(path)))
     base = path.resolve().parent
     recipe.sources = [_relative_to(src, base) for src in recipe.sources]
     return recipe
@@ -282,7 +285,8 @@ def parse_recipe(doc: dict) -> Recipe:
                       f"(legacy format); found keys {sorted(doc)}")
 
 
-def _parse_source(value: Any, where: str) -> Source:
+def parse_source(value: Any, where: str) -> Source:
+    """A source written as a path or hub ID, ``[path, revision]`` or ``{path, revision}``."""
     if isinstance(value, str):
         return Source(value)
     if isinstance(value, (list, tuple)) and len(value) in (1, 2) and isinstance(value[0], str):
@@ -309,7 +313,7 @@ def _parse_native(doc: dict) -> Recipe:
     models = doc.get("models")
     if not isinstance(models, list):
         raise RecipeError(f"models: expected a list of sources, got {models!r}")
-    sources = [_parse_source(m, f"models[{i}]") for i, m in enumerate(models)]
+    sources = [parse_source(m, f"models[{i}]") for i, m in enumerate(models)]
     if not isinstance(doc["hops"], list):
         raise RecipeError(f"hops: expected a list of {{model, layer, scale, bias}}, got {doc['hops']!r}")
     hops = []
@@ -375,7 +379,7 @@ def recipe_from_legacy(
         raise RecipeError(f"recipe: unknown keys {sorted(_unknown)}; the legacy format has {list(_LEGACY_KEYS)}")
     if not isinstance(model_paths, (list, tuple)) or not model_paths:
         raise RecipeError(f"model_paths: expected a non-empty list of [path, revision], got {model_paths!r}")
-    sources = [_parse_source(m, f"model_paths[{i}]") for i, m in enumerate(model_paths)]
+    sources = [parse_source(m, f"model_paths[{i}]") for i, m in enumerate(model_paths)]
     num_r = _int(num_r, "num_r")
     if num_r < 1:
         raise RecipeError(f"num_r: expected an integer >= 1, got {num_r}")
