@@ -17,9 +17,8 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from .compact import compact_plan
 from .families import family_of
-from .plan import DTYPES, _is_classifier
+from .plan import DTYPES, compact_plan, is_classifier
 from .recipe import Recipe, RecipeError, Source, Transform, load_recipe
 from .sources import open_checkpoint, read_config
 
@@ -71,7 +70,7 @@ class Sources:
             config = self.config(source)
             family = family_of(config, str(source))
             checkpoint = open_checkpoint(source, config, self.cache_dir, DTYPES[self.dtype])
-            cls = getattr(transformers, family.classifier if _is_classifier(config) else family.causal_lm)
+            cls = getattr(transformers, family.classifier if is_classifier(config) else family.causal_lm)
             model = cls.from_pretrained(None, config=transformers.AutoConfig.for_model(**config),
                                         state_dict={n: checkpoint.get(n) for n in checkpoint.names()},
                                         dtype=DTYPES[self.dtype])

@@ -33,7 +33,7 @@ def cmd_merge(args: argparse.Namespace) -> None:
 
 
 def cmd_flatten(args: argparse.Namespace) -> None:
-    from .compact import flatten
+    from .flatten import flatten
 
     out = flatten(args.input, args.output, dtype=args.dtype, max_shard_size=args.max_shard_size, force=args.force,
                   quiet=args.quiet, cache_dir=args.cache_dir)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from .recipe import RecipeError
 
-__all__ = ["Family", "FAMILIES", "family_of", "SHAPE_KEYS"]
+__all__ = ["Family", "FAMILIES", "family_of", "family_of_type", "SHAPE_KEYS"]
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,12 @@ class Family:
     mlp_bias_key: str | None = None  # config key that gives every MLP projection a bias (None: impossible)
     attention_bias: tuple[str, ...] = ()  # attention projections that always carry a bias
     per_layer_keys: tuple[str, ...] = ()  # config lists indexed by layer, which must follow each hop
+    dfs: bool = True  # modeling_dfs.py has DFS classes for it: in-memory models and the compact format
+    # A family without MLP bias whose layer, with no sliding window, is another family's layer (Mistral's is
+    # Llama's): a flat output that needs a down_proj bias is written as that family. `default_window` is the
+    # window the family's config class assumes when config.json has no `sliding_window` key.
+    biased_as: str | None = None
+    default_window: int | None = None
 
     # tensor names; `{i}` is the layer index
     embed: str = "model.embed_tokens.weight"
@@ -31,6 +37,23 @@ class Family:
     score: str = "score.weight"
     layer_prefix: str = "model.layers.{i}."
     down_proj: str = "mlp.down_proj"
+
+    @property
+    def dfs_model_type(self) -> str:
+        """The ``model_type`` of this family's DFS model (``modeling_dfs.py``): ``llama`` -> ``dfs_llama``."""
+        return f"dfs_{self.model_type}"
+
+    def dfs_class(self, kind: str) -> str:
+        """The name of a DFS class in ``modeling_dfs.py``: ``kind`` is ``Config``, ``Model``, ``ForCausalLM`` or
+        ``ForSequenceClassification`` (``llama`` -> ``DFSLlamaForCausalLM``)."""
+        return f"DFS{self.causal_lm.removesuffix('ForCausalLM')}{kind}"
+
+    def dfs_auto_map(self) -> dict[str, str]:
+        """Where ``from_pretrained(..., trust_remote_code=True)`` finds a compact folder's classes: the
+        ``modeling_dfs.py`` inside it (transformers' ``auto_map`` convention)."""
+        return {auto: f"modeling_dfs.{self.dfs_class(kind)}" for auto, kind in
+                (("AutoConfig", "Config"), ("AutoModel", "Model"), ("AutoModelForCausalLM", "ForCausalLM"),
+                 ("AutoModelForSequenceClassification", "ForSequenceClassification"))}
 
     def layer_tensors(self, config: dict) -> dict[str, tuple[int, ...]]:
         """Suffix -> shape of every tensor of one decoder layer, from the config alone."""
@@ -62,9 +85,10 @@ FAMILIES: dict[str, Family] = {
     f.model_type: f
     for f in (
         Family("llama", "LlamaForCausalLM", "LlamaForSequenceClassification", mlp_bias_key="mlp_bias"),
-        Family("mistral", "MistralForCausalLM", "MistralForSequenceClassification"),
+        Family("mistral", "MistralForCausalLM", "MistralForSequenceClassification", biased_as="llama",
+               default_window=4096),
         Family("qwen2", "Qwen2ForCausalLM", "Qwen2ForSequenceClassification",
-               attention_bias=("q_proj", "k_proj", "v_proj"), per_layer_keys=("layer_types",)),
+               attention_bias=("q_proj", "k_proj", "v_proj"), per_layer_keys=("layer_types",), dfs=False),
     )
 }
 
@@ -81,3 +105,11 @@ def family_of(config: dict, where: str) -> Family:
         raise RecipeError(f"{where}: model_type {model_type!r} is not supported; dfsmerge merges "
                           f"{sorted(FAMILIES)}")
     return FAMILIES[model_type]
+
+
+def family_of_type(model_type: str, where: str) -> Family:
+    """The family a DFS model type wraps: ``dfs_mistral``, ``evomistral``, ``evomistralaffine`` -> mistral."""
+    for name in sorted(FAMILIES, key=len, reverse=True):
+        if name in model_type:
+            return FAMILIES[name]
+    raise RecipeError(f"{where}: model_type {model_type!r} names none of the families {sorted(FAMILIES)}")

@@ -14,17 +14,15 @@ from __future__ import annotations
 
 import copy
 import logging
-import shutil
 import tempfile
-import weakref
 from functools import lru_cache
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
 from .recipe import RecipeError, Source
-from .sources import Checkpoint
 
 __all__ = ["gguf_file", "gguf_config", "open_gguf"]
 
@@ -72,9 +70,11 @@ def _config(path: str, size: int, mtime_ns: int) -> dict:
     return config
 
 
-def open_gguf(source: Source, dtype: torch.dtype = torch.float32) -> Checkpoint:
-    """Dequantize a GGUF source into memory (``dtype``): a :class:`Checkpoint` with Hugging Face tensor names
-    whose ``folder`` holds the tokenizer saved from the file, and whose ``note`` says what was dequantized."""
+def open_gguf(source: Source, dtype: torch.dtype = torch.float32
+              ) -> tuple[tempfile.TemporaryDirectory, dict[str, Callable[[], torch.Tensor]], str]:
+    """Dequantize a GGUF source into memory (``dtype``): a temporary folder holding the tokenizer saved from the
+    file (removed when the folder object is collected), the tensors by their Hugging Face names, and a note
+    that says what was dequantized."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
@@ -88,11 +88,9 @@ def open_gguf(source: Source, dtype: torch.dtype = torch.float32) -> Checkpoint:
     note = f"dequantized from GGUF {_file_type(parsed['ignore'].get('file_type'))}"
     log.info("%s: %s, %d tensors", path.name, note, len(tensors))
 
-    folder = Path(tempfile.mkdtemp(prefix="dfsmerge-gguf-tokenizer-"))
-    AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name).save_pretrained(folder)
-    checkpoint = Checkpoint(source, folder, config, {n: (lambda t=t: t) for n, t in tensors.items()}, note)
-    weakref.finalize(checkpoint, shutil.rmtree, folder, True)  # the folder lives as long as the checkpoint
-    return checkpoint
+    folder = tempfile.TemporaryDirectory(prefix="dfsmerge-gguf-tokenizer-")
+    AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name).save_pretrained(folder.name)
+    return folder, {n: (lambda t=t: t) for n, t in tensors.items()}, note
 
 
 def _file_type(code: int | None) -> str:

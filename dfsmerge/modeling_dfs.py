@@ -173,7 +173,7 @@ class DFSHeadModel:
         stored layer once, with this modeling file beside it."""
         if format == "flat":
             try:
-                from dfsmerge.compact import save_flat
+                from dfsmerge.flatten import save_flat
             except ImportError as exc:
                 raise ImportError("saving a DFS model as a flat model needs dfsmerge (pip install dfsmerge); "
                                   "save_pretrained(..., format='compact') needs nothing") from exc

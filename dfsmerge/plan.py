@@ -1,11 +1,17 @@
 """Recipe + source configs -> a checked plan: the output config and one task per output tensor.
 
-Validation happens here, against the sources' ``config.json`` only, before any weight is read. The folding
-rules of ``dfs-semantics.md`` ("Folding into a standard model") live here and nowhere else:
+Validation happens here, against the sources' ``config.json`` only, before any weight is read. Two layouts are
+planned here and nowhere else.
+
+The flat layout (:func:`make_plan`): the folding rules of ``dfs-semantics.md`` ("Folding into a standard model"):
 
 - ``embed_tokens``          <- ``T_0`` applied to every row (``E S_0^T + b_0``)
 - hop ``k``'s ``down_proj`` <- ``S_{k+1} W_down``, bias ``S_{k+1} b_down + b_{k+1}``
 - hop ``k``                 -> its own physical layer ``model.layers.k``
+
+The compact layout (:func:`compact_plan`): each used source layer stored once (``model.dfs_layers.{u}.*``), the
+hop table in ``config.json`` and the per-hop transforms as tensors (``model.dfs_transforms.{k}.scale`` /
+``.bias``), run by ``modeling_dfs.py``. It is also the config of the in-memory model that ``assemble`` builds.
 """
 
 from __future__ import annotations
@@ -15,10 +21,14 @@ from typing import Callable, Iterator
 
 import torch
 
-from .families import SHAPE_KEYS, Family, family_of
+from .families import FAMILIES, SHAPE_KEYS, Family, family_of
 from .recipe import IDENTITY, Recipe, RecipeError, Transform
 
-__all__ = ["TensorTask", "Plan", "make_plan", "DTYPES"]
+__all__ = ["TensorTask", "Plan", "make_plan", "compact_plan", "is_classifier", "DTYPES", "STORED_LAYER",
+           "HOP_TRANSFORM"]
+
+STORED_LAYER = "model.dfs_layers.{u}."  # compact layout: stored layer u's tensors
+HOP_TRANSFORM = "model.dfs_transforms.{k}."  # compact layout: hop k's ``scale`` / ``bias``
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _CHUNK_ELEMENTS = 1 << 24  # rows are transformed in chunks of about 64 MB of float32
@@ -99,8 +109,6 @@ class Plan:
 
     def compact_params(self) -> int:
         """Parameters of the same recipe in the compact format (each used source layer stored once)."""
-        from .compact import compact_plan
-
         return compact_plan(self.recipe, self.configs).num_params()
 
 
@@ -144,26 +152,52 @@ def _check_layers(recipe: Recipe, configs: list[dict]) -> None:
                               f"{counts[hop.model]} layers (0..{counts[hop.model] - 1})")
 
 
-def _is_classifier(config: dict) -> bool:
+def is_classifier(config: dict) -> bool:
     return any(a.endswith("ForSequenceClassification") for a in config.get("architectures") or [])
 
 
-def make_plan(recipe: Recipe, configs: list[dict], dtype: str = "bfloat16") -> Plan:
-    """Validate ``recipe`` against the source configs and plan every output tensor."""
+def _checked(recipe: Recipe, configs: list[dict], dtype: str) -> tuple[Family, bool]:
+    """The sources' family and whether the output is a sequence classifier, after validating everything that
+    both layouts need."""
     if dtype not in DTYPES:
         raise RecipeError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
     family = _validate(recipe, configs)
-    if any(h.transform.has_bias for h in recipe.hops[1:]) and family.mlp_bias_key is None:
-        raise RecipeError(f"bias_factors: a {family.model_type} model has no MLP bias to fold a bias into; "
-                          "use scales only, or --format compact")
     out_cfg = configs[recipe.output_model]
-    classification = _is_classifier(out_cfg) if recipe.classification is None else recipe.classification
-    if classification and not _is_classifier(out_cfg):
+    classification = is_classifier(out_cfg) if recipe.classification is None else recipe.classification
+    if classification and not is_classifier(out_cfg):
         raise RecipeError(f"classification: models[{recipe.output_model}] (output_layer_model) is not a "
                           "*ForSequenceClassification model, so it has no score head")
+    return family, classification
+
+
+def _biased_family(family: Family, configs: list[dict]) -> tuple[Family, list[dict]]:
+    """The family (and configs) a flat output with a ``down_proj`` bias is written as: the sources' own when it
+    has an MLP bias, else the family its layers are without a sliding window (Mistral -> Llama with ``mlp_bias``,
+    ``Family.biased_as``)."""
+    if family.mlp_bias_key is not None:
+        return family, configs
+    windowed = [i for i, c in enumerate(configs) if c.get("sliding_window", family.default_window) is not None]
+    if family.biased_as is None or windowed:
+        why = (f"models[{windowed[0]}] has an active sliding window, which {family.biased_as} layers lack"
+               if family.biased_as and windowed else f"a {family.model_type} model has no MLP bias")
+        raise RecipeError(f"bias_factors: {why}, so a bias cannot be folded into a flat model; use scales only, "
+                          "or --format compact (which runs biases as they are)")
+    target = FAMILIES[family.biased_as]
+    return target, [{**{k: v for k, v in c.items() if k != "sliding_window"}, "model_type": target.model_type}
+                    for c in configs]
+
+
+def make_plan(recipe: Recipe, configs: list[dict], dtype: str = "bfloat16") -> Plan:
+    """Validate ``recipe`` against the source configs and plan every output tensor of the flat layout.
+
+    Raises ``RecipeError`` naming the recipe field for anything the sources cannot do."""
+    family, classification = _checked(recipe, configs, dtype)
     hops = recipe.hops
-    t0 = hops[0].transform
     biased = any(h.transform.has_bias for h in hops[1:])
+    if biased:
+        family, configs = _biased_family(family, configs)
+    out_cfg = configs[recipe.output_model]
+    t0 = hops[0].transform
     tied = bool(out_cfg.get("tie_word_embeddings", False)) and not classification
     keep_tied = tied and recipe.input_model == recipe.output_model and t0.is_identity
 
@@ -184,15 +218,68 @@ def make_plan(recipe: Recipe, configs: list[dict], dtype: str = "bfloat16") -> P
                 tasks.append(TensorTask(prefix_out + suffix, shape, hop.model, src, "down_bias", after))
             else:
                 tasks.append(TensorTask(prefix_out + suffix, shape, hop.model, src, "copy" if src else "zeros"))
-    tasks.append(TensorTask(family.norm, (hidden,), recipe.output_model, family.norm))
+    tasks += _head_tasks(recipe, family, out_cfg, classification, keep_tied)
+    config = _output_config(recipe, family, configs, classification, keep_tied, biased, dtype)
+    return Plan(recipe, family, configs, config, tasks, classification)
+
+
+def _kind(value: float | torch.Tensor, identity: float) -> str | None:
+    """The compact layout's name for a scale or bias: None when it is the identity's."""
+    if isinstance(value, float):
+        return None if value == identity else "scalar"
+    return "vector" if value.ndim == 1 else "matrix"
+
+
+def compact_plan(recipe: Recipe, configs: list[dict], dtype: str = "bfloat16") -> Plan:
+    """Validate ``recipe`` against the source configs and plan its compact checkpoint (also the config of the
+    in-memory model that ``assemble`` builds). Unlike the flat layout it takes biases in any family."""
+    family, classification = _checked(recipe, configs, dtype)
+    if not family.dfs:
+        raise RecipeError(f"models: the compact format and in-memory models support "
+                          f"{sorted(f for f in FAMILIES if FAMILIES[f].dfs)}, not {family.model_type}; use the "
+                          "flat format (dfsmerge merge)")
+    out_cfg = configs[recipe.output_model]
+    # T_0 runs at run time, so the embedding table stays as it is and a tied head can stay tied
+    tied = (bool(out_cfg.get("tie_word_embeddings", False)) and not classification
+            and recipe.input_model == recipe.output_model)
+    hidden, vocab = out_cfg["hidden_size"], out_cfg["vocab_size"]
+    used = recipe.used_layers()
+    stored = {layer: u for u, layer in enumerate(used)}
+    shapes = {"scalar": (), "vector": (hidden,), "matrix": (hidden, hidden)}
+
+    tasks = [TensorTask(family.embed, (vocab, hidden), recipe.input_model, family.embed)]
+    for u, (m, layer) in enumerate(used):
+        prefix = family.layer_prefix.format(i=layer)
+        tasks += [TensorTask(STORED_LAYER.format(u=u) + suffix, shape, m, prefix + suffix)
+                  for suffix, shape in family.layer_tensors(configs[m]).items()]
+    hops = []
+    for k, hop in enumerate(recipe.hops):
+        t = hop.transform
+        scale, bias = _kind(t.scale, 1.0), _kind(t.bias, 0.0)
+        hops.append([stored[(hop.model, hop.layer)], scale, bias])
+        for part, kind in (("scale", scale), ("bias", bias)):
+            if kind:
+                tasks.append(TensorTask(HOP_TRANSFORM.format(k=k) + part, shapes[kind], hop.model, None, part, t))
+    tasks += _head_tasks(recipe, family, out_cfg, classification, tied)
+
+    config = _output_config(recipe, family, configs, classification, tied, False, dtype)
+    config.update(model_type=family.dfs_model_type,
+                  architectures=[family.dfs_class("ForSequenceClassification" if classification else "ForCausalLM")],
+                  auto_map=family.dfs_auto_map(), dfs_layers=[list(x) for x in used], dfs_hops=hops)
+    return Plan(recipe, family, configs, config, tasks, classification)
+
+
+def _head_tasks(recipe: Recipe, family: Family, out_cfg: dict, classification: bool, tied: bool) -> list[TensorTask]:
+    """The final norm and the head (``score`` of a classifier; ``lm_head`` unless it stays tied)."""
+    hidden, vocab = out_cfg["hidden_size"], out_cfg["vocab_size"]
+    tasks = [TensorTask(family.norm, (hidden,), recipe.output_model, family.norm)]
     if classification:
         tasks.append(TensorTask(family.score, (out_cfg.get("num_labels") or len(out_cfg["id2label"]), hidden),
                                 recipe.output_model, family.score))
-    elif not keep_tied:
-        head_src = family.embed if tied else family.lm_head
-        tasks.append(TensorTask(family.lm_head, (vocab, hidden), recipe.output_model, head_src))
-    config = _output_config(recipe, family, configs, classification, keep_tied, biased, dtype)
-    return Plan(recipe, family, configs, config, tasks, classification)
+    elif not tied:
+        head = family.embed if out_cfg.get("tie_word_embeddings") else family.lm_head
+        tasks.append(TensorTask(family.lm_head, (vocab, hidden), recipe.output_model, head))
+    return tasks
 
 
 def _output_config(recipe: Recipe, family: Family, configs: list[dict], classification: bool, tied: bool,

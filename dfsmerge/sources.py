@@ -69,12 +69,13 @@ class Checkpoint:
     memory-mapped files; ``.bin`` files are read with ``torch.load(weights_only=True, mmap=True)``."""
 
     def __init__(self, source: Source, folder: Path | None, config: dict,
-                 tensors: dict[str, Callable[[], torch.Tensor]], note: str = ""):
+                 tensors: dict[str, Callable[[], torch.Tensor]], note: str = "", keep: object = None):
         self.source = source
         self.folder = folder  # where tokenizer files live, if any
         self.config = config
         self._getters = tensors
         self.note = note  # e.g. "dequantized from GGUF Q4_1", for logs and model cards
+        self._keep = keep  # what must live as long as this checkpoint (a GGUF source's temporary folder)
 
     def __contains__(self, name: str) -> bool:
         return name in self._getters
@@ -149,7 +150,8 @@ def open_checkpoint(source: Source, config: dict, cache_dir: str | None = None,
     if _is_gguf(source):
         from .gguf import open_gguf
 
-        return open_gguf(source, dtype)
+        folder, getters, note = open_gguf(source, dtype)
+        return Checkpoint(source, Path(folder.name), config, getters, note, keep=folder)
     path = Path(source.path)
     if path.exists():
         folder = path

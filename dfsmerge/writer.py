@@ -1,4 +1,5 @@
-"""Writing output folders: sharded safetensors streamed tensor by tensor, inside an atomic temporary folder.
+"""Writing output folders: sharded safetensors streamed tensor by tensor, inside an atomic temporary folder, and
+the files beside them (config, tokenizer, recipe, model card, the compact format's modeling file).
 
 Every shape is known from the plan before the first byte is written, so each shard's safetensors header is
 written first and the tensors' bytes are streamed after it: at most one tensor (or one row chunk of a folded
@@ -19,10 +20,14 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from .plan import DTYPES, TensorTask
-from .recipe import RecipeError
+from .plan import DTYPES, Plan, TensorTask
+from .recipe import RecipeError, dump_native
+from .sources import Checkpoint
 
-__all__ = ["parse_size", "atomic_folder", "write_tensors", "check_target"]
+__all__ = ["parse_size", "atomic_folder", "write_tensors", "check_target", "write_metadata", "model_card",
+           "write_modeling_file"]
+
+MODELING_FILE = Path(__file__).with_name("modeling_dfs.py")  # the code a compact folder runs on
 
 _ST_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -134,3 +139,42 @@ def write_tensors(
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     return [folder / n for n in names]
+
+
+def write_metadata(folder: Path, plan: Plan, checkpoints: Sequence[Checkpoint | None], command: str) -> None:
+    """config.json, the input model's tokenizer and generation files, the recipe and a model card."""
+    (folder / "config.json").write_text(json.dumps(plan.config, indent=2) + "\n")
+    source = checkpoints[plan.recipe.input_model]
+    for file in source.tokenizer_files():
+        shutil.copyfile(file, folder / file.name)
+    (folder / "dfsmerge_recipe.yml").write_text(dump_native(plan.recipe))
+    (folder / "README.md").write_text(model_card(plan, checkpoints, command))
+
+
+def model_card(plan: Plan, checkpoints: Sequence[Checkpoint | None], command: str) -> str:
+    """A Hugging Face model card naming the sources, the hop table and how the model was made."""
+    recipe = plan.recipe
+    lines = ["---", "library_name: transformers", "tags: [merge, dfsmerge, data-flow-space]", "---", "",
+             "# DFS merge", "",
+             f"Made with dfsmerge by a data-flow-space merge of {len(recipe.sources)} "
+             f"models: {len(recipe.hops)} decoder layers, {_kind_of_output(plan)}", "", "## Sources", ""]
+    for i, src in enumerate(recipe.sources):
+        note = checkpoints[i].note if checkpoints[i] is not None and checkpoints[i].note else ""
+        lines.append(f"- {i}: `{src.path}` revision `{src.revision or 'default'}`" + (f" ({note})" if note else ""))
+    lines += ["", f"Embeddings and tokenizer from model {recipe.input_model}; final norm and head from model "
+              f"{recipe.output_model}.", "", "## Hops", "", recipe.hop_table(), "", "## Command", "",
+              f"    {command}", "", "The recipe is in `dfsmerge_recipe.yml`.", ""]
+    return "\n".join(lines)
+
+
+def _kind_of_output(plan: Plan) -> str:
+    if "dfs_hops" in plan.config:
+        return ("a compact checkpoint: each source layer is stored once and run by the `modeling_dfs.py` beside "
+                "it (load with `trust_remote_code=True`, or with dfsmerge installed); `dfsmerge flatten` turns it "
+                "into a plain model.")
+    return f"a plain `{plan.config['architectures'][0]}` that needs no custom code."
+
+
+def write_modeling_file(folder: Path) -> None:
+    """Put the modeling code a compact checkpoint runs on (``auto_map`` points to it) into ``folder``."""
+    shutil.copyfile(MODELING_FILE, Path(folder) / MODELING_FILE.name)

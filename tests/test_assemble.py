@@ -106,8 +106,8 @@ def test_is_a_model_of_the_output_family(llama_sources, sources):
 
 
 def test_mistral_with_a_bias(mistral_sources, sources, tmp_path):
-    """Mistral has no MLP bias, so the flat merge refuses a bias; the in-memory model applies it at run time, and
-    its flat save writes a Llama model (the same layers when there is no sliding window)."""
+    """Mistral has no MLP bias; the in-memory model applies it at run time, and its flat save writes a Llama model
+    (the same layers when there is no sliding window), as the flat merge does."""
     rec = recipe(mistral_sources, [(0, 0), (1, 1, vec(1), bias(1)), (0, 3, 0.9, 0.05)])
     model, _ = assemble(rec, sources)
     assert_matches(model, rec)

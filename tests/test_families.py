@@ -33,3 +33,18 @@ def test_qwen2_merge_matches_reference(tmp_path):
     assert model.model.layers[0].self_attn.q_proj.bias is not None
     with torch.no_grad():
         torch.testing.assert_close(model(INPUT_IDS).logits, reference_logits(recipe, INPUT_IDS), atol=1e-4, rtol=1e-4)
+
+
+def test_dfs_class_names_in_the_table_match_modeling_dfs():
+    """plan.compact_plan writes the DFS class names and auto_map from the family table (data), while
+    modeling_dfs.py, which must import nothing of dfsmerge, defines the classes: the two must agree."""
+    from dfsmerge.families import FAMILIES
+    from dfsmerge.modeling_dfs import DFS_CLASSES
+
+    assert sorted(DFS_CLASSES) == sorted(name for name, family in FAMILIES.items() if family.dfs)
+    for name, (config_class, causal_lm, classifier) in DFS_CLASSES.items():
+        family = FAMILIES[name]
+        assert config_class.model_type == family.dfs_model_type
+        assert [config_class.__name__, causal_lm.__name__, classifier.__name__] == \
+            [family.dfs_class(k) for k in ("Config", "ForCausalLM", "ForSequenceClassification")]
+        assert config_class.default_auto_map() == family.dfs_auto_map()

@@ -102,10 +102,10 @@ def test_legacy_layer_count_error_names_the_mask(llama_sources, tmp_path):
         merge(recipe, tmp_path / "out", quiet=True)
 
 
-def test_mistral_bias_is_refused_with_a_reason(mistral_sources, tmp_path):
-    recipe = Recipe([Source(str(mistral_sources[0]))],
+def test_mistral_bias_with_a_window_is_refused_with_a_reason(mistral_window_sources, tmp_path):
+    recipe = Recipe([Source(str(mistral_window_sources[0]))],
                     [Hop(0, 0), Hop(0, 1, Transform(1.0, torch.full((64,), 0.1)))]).check()
-    with pytest.raises(RecipeError, match="mistral model has no MLP bias"):
+    with pytest.raises(RecipeError, match=r"bias_factors: models\[0\] has an active sliding window.*--format compact"):
         merge(recipe, tmp_path / "out", quiet=True)
     assert not (tmp_path / "out").exists()
 

@@ -265,10 +265,20 @@ def test_mistral_sliding_window_follows_the_layers(mistral_window_sources, tmp_p
     assert_matches_reference(out, rec)
 
 
-def test_mistral_bias_is_refused(mistral_sources, tmp_path):
-    rec = recipe(mistral_sources, [(0, 0), (1, 1, 1.0, bias(1)), (0, 3)])
+def test_mistral_bias_without_a_window_is_written_as_llama(mistral_sources, tmp_path):
+    """A Mistral layer without a sliding window is a Llama layer, and Llama has an MLP bias: the flat merge of an
+    affine recipe is a plain LlamaForCausalLM with mlp_bias (the rule merge, flatten and save share)."""
+    rec = recipe(mistral_sources, [(0, 0), (1, 1, vec(1), bias(1)), (0, 3, 0.9, 0.05)])
+    out = run_merge(rec, tmp_path / "out")
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["mlp_bias"] and "sliding_window" not in config
+    assert_matches_reference(out, rec)
+
+
+def test_mistral_bias_with_a_window_is_refused(mistral_window_sources, tmp_path):
+    rec = recipe(mistral_window_sources, [(0, 0), (1, 1, 1.0, bias(1)), (0, 3)])
     out = tmp_path / "out"
-    with pytest.raises(RecipeError, match="(?i)bias"):
+    with pytest.raises(RecipeError, match="sliding window.*--format compact"):
         run_merge(rec, out)
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []  # no half-written temporary folder left beside it either
