@@ -130,10 +130,9 @@ def assemble(
             raise RecipeError(f"{name}: {value!r} differs from the sources' {getattr(sources, name)!r}")
     plan = compact_plan(recipe, [sources.config(s) for s in recipe.sources], sources.dtype)
     config_class, causal_lm, classifier = DFS_CLASSES[plan.family.model_type]
-    config = config_class(**{**plan.config, "dfs_layers": [], "dfs_hops": []})
-    with torch.device("meta"):  # a shell without layers or transforms: those with weights are attached below
+    config = config_class(**plan.config)
+    with torch.device("meta"):  # a shell of the whole model, without storage: the parts are attached below
         model = (classifier if plan.classification else causal_lm)(config)
-    config.dfs_layers, config.dfs_hops = plan.config["dfs_layers"], plan.config["dfs_hops"]
 
     needed = {h.model for h in recipe.hops} | {recipe.input_model, recipe.output_model}
     loaded = {i: sources.model(s) for i, s in enumerate(recipe.sources) if i in needed}

@@ -1,7 +1,8 @@
 """What dfsmerge knows about model families, as data: one table, one entry per ``model_type``.
 
 Adding a family whose decoder layer is the usual pre-norm ``x + A(x)``, ``x + F(x)`` with the usual tensor
-names (Qwen2 is one) is one entry here.
+names (Qwen2 and Qwen3 are such) is one entry here, plus its DFS classes in ``modeling_dfs.py`` for the in-memory
+model and the compact format.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ class Family:
     classifier: str
     mlp_bias_key: str | None = None  # config key that gives every MLP projection a bias (None: impossible)
     attention_bias: tuple[str, ...] = ()  # attention projections that always carry a bias
+    head_norms: tuple[str, ...] = ()  # norms over each head's features, shape (head_dim,): Qwen3's q_norm, k_norm
     per_layer_keys: tuple[str, ...] = ()  # config lists indexed by layer, which must follow each hop
     dfs: bool = True  # modeling_dfs.py has DFS classes for it: in-memory models and the compact format
     # A family without MLP bias whose layer, with no sliding window, is another family's layer (Mistral's is
@@ -76,6 +78,8 @@ class Family:
                                                                                         "v_proj", "o_proj"]
         for proj in attn_bias:
             shapes[f"self_attn.{proj}.bias"] = (shapes[f"self_attn.{proj}.weight"][0],)
+        for norm in self.head_norms:
+            shapes[f"self_attn.{norm}.weight"] = (hd,)
         if self.mlp_bias_key and config.get(self.mlp_bias_key):
             shapes.update({"mlp.gate_proj.bias": (inter,), "mlp.up_proj.bias": (inter,), "mlp.down_proj.bias": (h,)})
         return shapes
@@ -88,7 +92,9 @@ FAMILIES: dict[str, Family] = {
         Family("mistral", "MistralForCausalLM", "MistralForSequenceClassification", biased_as="llama",
                default_window=4096),
         Family("qwen2", "Qwen2ForCausalLM", "Qwen2ForSequenceClassification",
-               attention_bias=("q_proj", "k_proj", "v_proj"), per_layer_keys=("layer_types",), dfs=False),
+               attention_bias=("q_proj", "k_proj", "v_proj"), per_layer_keys=("layer_types",)),
+        Family("qwen3", "Qwen3ForCausalLM", "Qwen3ForSequenceClassification", head_norms=("q_norm", "k_norm"),
+               per_layer_keys=("layer_types",)),
     )
 }
 

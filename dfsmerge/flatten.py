@@ -32,10 +32,17 @@ _DFS_KEYS = ("dfs_layers", "dfs_hops", "num_hops", "auto_map")
 
 
 def _virtual_config(config: dict, family: Family, num_layers: int) -> dict:
-    """The config of the virtual source: the wrapped family's, with one layer per stored layer."""
+    """The config of the virtual source: the wrapped family's, with one layer per stored layer. Our layout's
+    per-layer lists (``layer_types``) have an entry per hop; the virtual source's has one per stored layer, that
+    of a hop that runs it (all hops of a stored layer have its source layer's entry)."""
     base = {k: v for k, v in config.items() if k not in _DFS_KEYS}
     base.update(model_type=family.model_type, num_hidden_layers=num_layers,
                 architectures=[family.classifier if is_classifier(config) else family.causal_lm])
+    if "dfs_hops" in config:
+        hop_of = {u: k for k, (u, _, _) in enumerate(config["dfs_hops"])}
+        for key in family.per_layer_keys:
+            if isinstance(config.get(key), list):
+                base[key] = [config[key][hop_of[u]] for u in range(num_layers)]
     return base
 
 
@@ -127,7 +134,7 @@ def flatten(
     cache_dir: str | None = None,
     command: str | None = None,
 ) -> Path:
-    """Write a DFS checkpoint (see :func:`read_dfs_checkpoint`) as a plain Llama / Mistral folder: one physical
+    """Write a DFS checkpoint (see :func:`read_dfs_checkpoint`) as a plain folder of its family: one physical
     layer per hop, transforms folded in. Streaming and atomic like ``merge``; ``dtype`` defaults to the input's."""
     target = Path(output_path)
     check_target(target, force)

@@ -5,10 +5,10 @@ checkpoint format. It imports only torch and transformers: a compact checkpoint 
 ``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`` works without dfsmerge, and importing
 dfsmerge registers its classes with the Auto classes, so no remote code is needed there.
 
-A DFS model is a standard Llama / Mistral model with two changes. Its decoder layers are stored once, in
-``model.dfs_layers``, and its ``model.layers``, the list transformers' own model loop runs, holds one *view* per
-hop (:func:`hop_view`): a shallow copy of a stored layer that shares every parameter, has its own KV-cache slot
-and sends its MLP output through the next hop's transform. So it computes (``dfs-semantics.md``)::
+A DFS model is a standard Llama / Mistral / Qwen2 / Qwen3 model with two changes. Its decoder layers are stored
+once, in ``model.dfs_layers``, and its ``model.layers``, the list transformers' own model loop runs, holds one
+*view* per hop (:func:`hop_view`): a shallow copy of a stored layer that shares every parameter, has its own
+KV-cache slot and sends its MLP output through the next hop's transform. So it computes (``dfs-semantics.md``)::
 
     x = T_0(embed(ids))                               # hop 0's view applies T_0 to its input
     for k in 0..K-1:                                  # hop k runs stored layer u_k
@@ -17,7 +17,8 @@ and sends its MLP output through the next hop's transform. So it computes (``dfs
     logits = head(norm(x))
 
 The config is the family's config plus the hop table. ``num_hidden_layers`` is the number of hops (one cache slot
-each); ``dfs_layers`` lists the stored layers as ``[source model, source layer]`` (provenance only);
+each), and so are per-layer lists such as Qwen's ``layer_types`` (hop ``k`` has its source layer's attention type,
+which picks its mask and its cache slot's kind); ``dfs_layers`` lists the stored layers as ``[source model, source layer]`` (provenance only);
 ``dfs_hops`` lists the hops as ``[stored layer, scale kind, bias kind]``, kinds being ``"scalar"``, ``"vector"``,
 ``"matrix"`` or ``null`` (none). Weights: the family's names, with ``model.dfs_layers.{u}.*`` for the stored
 layers and ``model.dfs_transforms.{k}.scale`` / ``.bias`` for every hop whose transform is not the identity.
@@ -35,11 +36,15 @@ import torch
 from torch import nn
 from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaConfig,
                           LlamaForCausalLM, LlamaForSequenceClassification, LlamaModel, MistralConfig,
-                          MistralForCausalLM, MistralForSequenceClassification, MistralModel)
+                          MistralForCausalLM, MistralForSequenceClassification, MistralModel, Qwen2Config,
+                          Qwen2ForCausalLM, Qwen2ForSequenceClassification, Qwen2Model, Qwen3Config, Qwen3ForCausalLM,
+                          Qwen3ForSequenceClassification, Qwen3Model)
 
 __all__ = ["HopTransform", "hop_view", "DFS_CLASSES", "DFSLlamaConfig", "DFSLlamaModel", "DFSLlamaForCausalLM",
            "DFSLlamaForSequenceClassification", "DFSMistralConfig", "DFSMistralModel", "DFSMistralForCausalLM",
-           "DFSMistralForSequenceClassification"]
+           "DFSMistralForSequenceClassification", "DFSQwen2Config", "DFSQwen2Model", "DFSQwen2ForCausalLM",
+           "DFSQwen2ForSequenceClassification", "DFSQwen3Config", "DFSQwen3Model", "DFSQwen3ForCausalLM",
+           "DFSQwen3ForSequenceClassification"]
 
 
 class HopTransform(nn.Module):
@@ -103,15 +108,21 @@ def hop_view(layer: nn.Module, index: int, transform: HopTransform | None, confi
 
 
 @contextlib.contextmanager
-def _num_hidden_layers(config: Any, n: int) -> Iterator[None]:
-    """``config.num_hidden_layers = n`` while a family model is built (it builds that many decoder layers); the
-    hop count again afterwards."""
-    hops = config.num_hidden_layers
-    config.num_hidden_layers = n
+def _stored_layers(config: Any, stored: list[int]) -> Iterator[None]:
+    """The config as seen by a family model while it builds its decoder layers: ``num_hidden_layers`` is the
+    number of stored layers (it builds that many) and ``layer_types``, where the family has it (Qwen2, Qwen3), is
+    that of the stored layers (layer ``i``'s attention takes its type and sliding window from entry ``i``); the
+    per-hop values again afterwards. ``stored[u]`` is a hop that runs stored layer ``u``."""
+    hops, layer_types = config.num_hidden_layers, getattr(config, "layer_types", None)
+    config.num_hidden_layers = len(stored)
+    if layer_types is not None:
+        config.layer_types = [layer_types[k] for k in stored]
     try:
         yield
     finally:
         config.num_hidden_layers = hops
+        if layer_types is not None:
+            config.layer_types = layer_types
 
 
 class DFSConfig:
@@ -137,7 +148,8 @@ class DFSModel:
     ``layers``, the plain list of hop views that the family's forward runs."""
 
     def __init__(self, config: Any):
-        with _num_hidden_layers(config, len(config.dfs_layers)):
+        first_hop = {u: k for k, (u, _, _) in reversed(list(enumerate(config.dfs_hops)))}
+        with _stored_layers(config, [first_hop[u] for u in range(len(config.dfs_layers))]):
             super().__init__(config)  # embeddings, norm, rotary embedding and one decoder layer per stored layer
         self.dfs_layers = self._modules.pop("layers")
         self.dfs_transforms = nn.ModuleDict({
@@ -168,9 +180,9 @@ class DFSHeadModel:
     """What the DFS causal LM and classifier add to the family's: saving as a flat model or as compact."""
 
     def save_pretrained(self, save_directory: str | Path, *args: Any, format: str = "flat", **kwargs: Any) -> None:
-        """``format="flat"`` (default): a plain Llama / Mistral folder with one physical layer per hop and the
-        transforms folded into the weights (needs dfsmerge). ``format="compact"``: this model as it is, each
-        stored layer once, with this modeling file beside it."""
+        """``format="flat"`` (default): a plain folder of the family (Llama, Mistral, Qwen2, Qwen3) with one
+        physical layer per hop and the transforms folded into the weights (needs dfsmerge). ``format="compact"``:
+        this model as it is, each stored layer once, with this modeling file beside it."""
         if format == "flat":
             try:
                 from dfsmerge.flatten import save_flat
@@ -189,7 +201,7 @@ class DFSForCausalLM(DFSHeadModel):
     """The family's causal LM over a DFS decoder (``base_model_class``)."""
 
     def __init__(self, config: Any):
-        with _num_hidden_layers(config, 0):
+        with _stored_layers(config, []):
             super().__init__(config)  # the family's head over a decoder with no layers, replaced next
         self.model = self.base_model_class(config)
         self.post_init()
@@ -235,10 +247,52 @@ class DFSMistralForSequenceClassification(DFSHeadModel, MistralForSequenceClassi
     config_class = DFSMistralConfig
 
 
+# ------------------------------------------------------------------------------------------- qwen2
+
+
+class DFSQwen2Config(DFSConfig, Qwen2Config):
+    model_type = "dfs_qwen2"
+
+
+class DFSQwen2Model(DFSModel, Qwen2Model):
+    config_class = DFSQwen2Config
+
+
+class DFSQwen2ForCausalLM(DFSForCausalLM, Qwen2ForCausalLM):
+    config_class = DFSQwen2Config
+    base_model_class = DFSQwen2Model
+
+
+class DFSQwen2ForSequenceClassification(DFSHeadModel, Qwen2ForSequenceClassification):
+    config_class = DFSQwen2Config
+
+
+# ------------------------------------------------------------------------------------------- qwen3
+
+
+class DFSQwen3Config(DFSConfig, Qwen3Config):
+    model_type = "dfs_qwen3"
+
+
+class DFSQwen3Model(DFSModel, Qwen3Model):
+    config_class = DFSQwen3Config
+
+
+class DFSQwen3ForCausalLM(DFSForCausalLM, Qwen3ForCausalLM):
+    config_class = DFSQwen3Config
+    base_model_class = DFSQwen3Model
+
+
+class DFSQwen3ForSequenceClassification(DFSHeadModel, Qwen3ForSequenceClassification):
+    config_class = DFSQwen3Config
+
+
 # family model_type -> (config, causal LM, sequence classifier)
 DFS_CLASSES: dict[str, tuple[type, type, type]] = {
     "llama": (DFSLlamaConfig, DFSLlamaForCausalLM, DFSLlamaForSequenceClassification),
     "mistral": (DFSMistralConfig, DFSMistralForCausalLM, DFSMistralForSequenceClassification),
+    "qwen2": (DFSQwen2Config, DFSQwen2ForCausalLM, DFSQwen2ForSequenceClassification),
+    "qwen3": (DFSQwen3Config, DFSQwen3ForCausalLM, DFSQwen3ForSequenceClassification),
 }
 
 for _config, _causal, _classifier in DFS_CLASSES.values():
