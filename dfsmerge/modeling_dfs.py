@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+import transformers
 from torch import nn
 from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaConfig,
                           LlamaForCausalLM, LlamaForSequenceClassification, LlamaModel, MistralConfig,
@@ -80,7 +81,8 @@ class TransformedMLP(nn.Module):
 
 
 class TransformedInput(nn.Module):
-    """Hop 0 with ``T_0`` applied to its input, the embeddings (also when the caller passes ``inputs_embeds``)."""
+    """Hop 0 with ``T_0`` applied to its input, the embeddings (also when the caller passes ``inputs_embeds``).
+    Other attributes are the hop's (the model loop of transformers 4.x reads ``attention_type`` off each layer)."""
 
     def __init__(self, hop: nn.Module, transform: HopTransform):
         super().__init__()
@@ -91,6 +93,12 @@ class TransformedInput(nn.Module):
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self.hop(self.transform(hidden_states), *args, **kwargs)
 
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("hop"), name)
+
 
 def hop_view(layer: nn.Module, index: int, transform: HopTransform | None, config: Any) -> nn.Module:
     """Hop ``index`` running decoder ``layer``: a shallow copy that shares all of the layer's parameters,
@@ -100,11 +108,19 @@ def hop_view(layer: nn.Module, index: int, transform: HopTransform | None, confi
     view = copy.copy(layer)
     view._modules = dict(layer._modules)  # its own children table; the children themselves stay shared
     view.self_attn = copy.copy(layer.self_attn)
+    for module in (view, view.self_attn):  # transformers 4.x leaves a `forward` bound to the layer on a layer whose
+        module.__dict__.pop("forward", None)  # outputs it recorded: the view must run its own, on itself
     view.self_attn.layer_idx = index
     view.self_attn.config = config  # one attention implementation (and mask format) for all hops
     if transform is not None:
         view.mlp = TransformedMLP(layer.mlp, transform)
     return view
+
+
+# transformers 5 records hidden states and attentions with forward hooks on the decoder layers, which each hop view
+# shares with its stored layer; 4.x instead patches, for the length of a call, the `forward` of the decoder layers
+# it finds among the model's submodules, and the hop views are not submodules.
+_RECORDS_BY_PATCHING = int(transformers.__version__.split(".")[0]) < 5
 
 
 @contextlib.contextmanager
@@ -167,6 +183,16 @@ class DFSModel:
         if "0" in transforms:
             views[0] = TransformedInput(views[0], transforms["0"])
         self.layers = views
+
+    if _RECORDS_BY_PATCHING:
+        def forward(self, *args: Any, **kwargs: Any) -> Any:
+            """The family's forward, with the hop views registered as submodules ``hops.k`` for the call, so that
+            transformers 4.x records their outputs (``output_hidden_states``, ``output_attentions``)."""
+            self._modules["hops"] = nn.ModuleList(self.layers)
+            try:
+                return super().forward(*args, **kwargs)
+            finally:
+                del self._modules["hops"]
 
     def train(self, mode: bool = True) -> Any:
         """``Module.train``, for the hop views too."""

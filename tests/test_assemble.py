@@ -166,7 +166,8 @@ def test_zero_copy(llama_sources, sources):
     transforms = _storages(model.model.dfs_transforms.parameters())
     assert held == expected | transforms
     assert sum(transforms.values()) == (3 + H) * 4  # three scalars and a vector, float32
-    assert len(expected) == 3 * 9 + 5  # 3 distinct layers of 9 tensors; embed, norm, head, 2 rotary buffers
+    rotary = len(list(last.model.rotary_emb.buffers()))  # inv_freq; transformers 5 adds original_inv_freq
+    assert len(expected) == 3 * 9 + 3 + rotary  # 3 distinct layers of 9 tensors; embed, norm, head; rotary
     again, _ = assemble(rec, sources)  # a second candidate holds the same storage again, nothing new
     assert _storages([*again.parameters(), *again.buffers()]).keys() - expected.keys() == \
         _storages(again.model.dfs_transforms.parameters()).keys()
@@ -186,6 +187,22 @@ def test_candidates_do_not_share_module_state(llama_sources, sources):
     assert not sources.model(rec.sources[0]).model.layers[1]._forward_hooks
     out = one(input_ids=INPUT_IDS, output_hidden_states=True)  # hooks on a stored layer see every hop it runs in
     assert len(out.hidden_states) == len(rec.hops) + 1
+
+
+def test_sources_that_recorded_their_outputs_still_assemble(llama_sources):
+    """transformers 4.x records ``output_hidden_states`` by patching the layers' ``forward`` for the call and leaves
+    a ``forward`` bound to each layer behind: a hop view copied from such a layer must still run itself."""
+    sources = Sources(dtype="float32")
+    rec = recipe(llama_sources[:1], [(0, 0), (0, 1, 0.8), (0, 1, vec(1)), (0, 3)])
+    source = sources.model(rec.sources[0])
+    with torch.no_grad():
+        assert len(source(input_ids=INPUT_IDS, output_hidden_states=True).hidden_states) == 5
+    model, _ = assemble(rec, sources)
+    assert_matches(model, rec)
+    with torch.no_grad():
+        assert len(model(input_ids=INPUT_IDS, output_hidden_states=True).hidden_states) == len(rec.hops) + 1
+    model.model.link_hops()  # after its own recorded call
+    assert_matches(model, rec)
 
 
 # --------------------------------------------------------------------------------------------- KV cache
