@@ -18,10 +18,11 @@ KV-cache slot and sends its MLP output through the next hop's transform. So it c
 
 The config is the family's config plus the hop table. ``num_hidden_layers`` is the number of hops (one cache slot
 each), and so are per-layer lists such as Qwen's ``layer_types`` (hop ``k`` has its source layer's attention type,
-which picks its mask and its cache slot's kind); ``dfs_layers`` lists the stored layers as ``[source model, source layer]`` (provenance only);
-``dfs_hops`` lists the hops as ``[stored layer, scale kind, bias kind]``, kinds being ``"scalar"``, ``"vector"``,
-``"matrix"`` or ``null`` (none). Weights: the family's names, with ``model.dfs_layers.{u}.*`` for the stored
-layers and ``model.dfs_transforms.{k}.scale`` / ``.bias`` for every hop whose transform is not the identity.
+which picks its mask and its cache slot's kind); ``dfs_layers`` lists the stored layers as ``[source model,
+source layer]`` (provenance only); ``dfs_hops`` lists the hops as ``[stored layer, scale kind, bias kind]``,
+kinds being ``"scalar"``, ``"vector"``, ``"matrix"`` or ``null`` (none). Weights: the family's names, with
+``model.dfs_layers.{u}.*`` for the stored layers and ``model.dfs_transforms.{k}.scale`` / ``.bias`` for every
+hop whose transform is not the identity.
 """
 
 from __future__ import annotations

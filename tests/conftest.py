@@ -101,15 +101,20 @@ def make_tiny_source(
     """Write a random ``{Llama,Mistral}For{CausalLM,SequenceClassification}`` checkpoint (safetensors) and the
     tiny tokenizer to ``path``; return ``path``. ``dtype``/``max_shard_size`` control how it is saved (e.g.
     ``torch.bfloat16`` and ``"20KB"`` for a sharded bf16 source). ``sliding_window`` is Mistral only."""
+    import transformers
     from transformers import (LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, MistralConfig,
                               MistralForCausalLM, MistralForSequenceClassification)
 
     path = Path(path)
+    # RoPE settings: transformers 5 reads `rope_parameters`; 4.x reads a top-level `rope_theta` and would keep
+    # `rope_parameters` as an unused attribute
+    rope = ({"rope_parameters": {"rope_type": "default", "rope_theta": rope_theta}}
+            if int(transformers.__version__.split(".")[0]) >= 5 else {"rope_theta": rope_theta})
     common = dict(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=num_layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=128,
         rms_norm_eps=1e-5, tie_word_embeddings=tie_word_embeddings, pad_token_id=PAD_ID, bos_token_id=BOS_ID,
-        eos_token_id=EOS_ID, rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
+        eos_token_id=EOS_ID, **rope,
     )
     if classification:
         common["num_labels"] = num_labels
