@@ -16,10 +16,9 @@ hop table in ``config.json`` and the per-hop transforms as tensors (``model.dfs_
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from typing import Callable, Iterator
-
-import importlib
 
 import torch
 

@@ -60,9 +60,10 @@ def apply_transform(transform, x: torch.Tensor) -> torch.Tensor:
     return y
 
 
-@lru_cache(maxsize=32)
-def _raw_config(path: str) -> dict:
-    return json.loads((Path(path) / "config.json").read_text())
+def _raw_config(path: str, model: torch.nn.Module) -> dict:
+    """The source's ``config.json`` as written; a source without one (a GGUF file) has only its loaded config."""
+    file = Path(path) / "config.json"
+    return json.loads(file.read_text()) if file.is_file() else model.config.to_dict()
 
 
 def _sliding_window(raw: dict, layer: int) -> int | None:
@@ -81,8 +82,9 @@ def _sliding_window(raw: dict, layer: int) -> int | None:
             return None
         window = raw.get("sliding_window", 4096)
         types = raw.get("layer_types")
-        sliding = types[layer] == "sliding_attention" if types is not None else layer >= raw.get("max_window_layers", 28)
-        return window if sliding else None
+        if types is not None:
+            return window if types[layer] == "sliding_attention" else None
+        return window if layer >= raw.get("max_window_layers", 28) else None
     raise ValueError(f"reference: no sliding-window rule for model_type {model_type!r}")
 
 
@@ -130,7 +132,7 @@ def reference_logits(recipe, input_ids, attention_mask=None) -> torch.Tensor:
     for k, hop in enumerate(recipe.hops):
         source = models[hop.model]
         layer = source.model.layers[hop.layer]
-        window = _sliding_window(_raw_config(str(recipe.sources[hop.model].path)), hop.layer)
+        window = _sliding_window(_raw_config(str(recipe.sources[hop.model].path), source), hop.layer)
         mask = _additive_mask(attention_mask, window)
         attn, _ = layer.self_attn(hidden_states=layer.input_layernorm(x), position_embeddings=(cos, sin),
                                   attention_mask=mask)
