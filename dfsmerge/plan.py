@@ -32,9 +32,6 @@ STORED_LAYER = "model.dfs_layers.{u}."  # compact layout: stored layer u's tenso
 HOP_TRANSFORM = "model.dfs_transforms.{k}."  # compact layout: hop k's ``scale`` / ``bias``
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-# SHAPE_KEYS as a transformers 5 config class holds them: the 4.x spellings rope_theta and rope_scaling are folded
-# into rope_parameters (rope_scaling is kept only as an alias of it)
-_EFFECTIVE_KEYS = tuple(k for k in SHAPE_KEYS if k not in ("rope_theta", "rope_scaling"))
 _CHUNK_ELEMENTS = 1 << 24  # rows are transformed in chunks of about 64 MB of float32
 
 
@@ -157,7 +154,7 @@ def _check_same_layers(recipe: Recipe, configs: list[dict], family: Family) -> N
         return
     settings = [effective_config(c, family, f"models[{i}] ({recipe.sources[i]})") for i, c in enumerate(configs)]
     for i, values in enumerate(settings[1:], 1):
-        for key in _EFFECTIVE_KEYS:
+        for key in SHAPE_KEYS:
             if values[key] != settings[0][key]:
                 raise RecipeError(f"models[{i}]: {key} = {values[key]!r:.200} differs from models[0] "
                                   f"({settings[0][key]!r:.200}); the layers of all sources must be interchangeable")
@@ -165,8 +162,8 @@ def _check_same_layers(recipe: Recipe, configs: list[dict], family: Family) -> N
 
 def effective_config(config: dict, family: Family, where: str = "config.json") -> dict:
     """The values of ``SHAPE_KEYS`` and of the family's per-layer keys as transformers' config class of the family
-    reads ``config`` (a ``config.json`` mapping): defaults filled in, old spellings normalised (a 4.x top-level
-    ``rope_theta`` / ``rope_scaling`` becomes ``rope_parameters``), per-layer settings derived (Qwen2's
+    reads ``config`` (a ``config.json`` mapping): defaults filled in, old spellings normalised (transformers 5
+    folds a 4.x top-level ``rope_theta`` / ``rope_scaling`` into ``rope_parameters``), per-layer settings derived (Qwen2's
     ``layer_types`` from ``use_sliding_window`` and ``max_window_layers``), ``sliding_window`` None where no layer
     slides. ``head_dim`` is ``hidden_size // num_attention_heads`` where the class has none (what its attention
     uses). Keys the class does not know are None.
@@ -182,9 +179,10 @@ def effective_config(config: dict, family: Family, where: str = "config.json") -
         raise RecipeError(f"{where}: config.json is not a valid {config_class.__name__}: {reason:.300}") from None
     values = {key: getattr(parsed, key, None) for key in (*SHAPE_KEYS, *family.per_layer_keys)}
     values["head_dim"] = values["head_dim"] or parsed.hidden_size // parsed.num_attention_heads
-    rope = values["rope_parameters"]
-    if isinstance(rope, dict) and "rope_type" in rope:  # a 4.x rope_scaling's "type" is kept beside "rope_type"
-        values["rope_parameters"] = {k: v for k, v in rope.items() if k != "type"}
+    for key in ("rope_parameters", "rope_scaling"):  # a 4.x rope_scaling's "type" stays beside its "rope_type"
+        rope = values[key]
+        if isinstance(rope, dict) and "rope_type" in rope:
+            values[key] = {k: v for k, v in rope.items() if k != "type"}
     return values
 
 
