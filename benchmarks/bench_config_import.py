@@ -2,13 +2,14 @@
 
 ``plan.effective_config`` imports ``transformers.models.<type>.configuration_<type>`` on first use (validation
 consults it only when sources spell a setting differently, or for families with per-layer settings such as
-Qwen2). Each case runs in a fresh interpreter that has already imported ``dfsmerge.plan`` (and so torch) and
-times, alternated over rounds (the CPUs are shared), with medians:
+Qwen2). Each case runs in a fresh interpreter that has already imported torch (which ``plan.py`` imports at module
+level) and times one statement, alternated over rounds (the CPUs are shared), with medians:
 
-- ``plan only``: nothing more (the baseline: an empty statement);
-- ``llama`` / ``qwen2``: one ``effective_config`` call, i.e. that family's config module;
-- ``AutoConfig``: ``from transformers import AutoConfig`` plus ``AutoConfig.for_model("llama")``, the other way;
-- ``import transformers``: the lazy top-level package alone.
+- ``torch only``: nothing more (the baseline);
+- ``llama config module`` / ``qwen2 config module``: what ``effective_config`` imports for that family;
+- ``AutoConfig.for_model(llama)``: the other way to reach the same class;
+- ``import transformers``: the lazy top-level package alone;
+- ``import dfsmerge``: the package as it stands (its ``__init__`` may import more than ``plan`` needs).
 
     python benchmarks/bench_config_import.py [--rounds 5]
 """
@@ -21,16 +22,16 @@ import subprocess
 import sys
 
 CASES = {
-    "plan only": "pass",
-    "llama effective_config": "effective_config({'hidden_size': 64, 'num_attention_heads': 4}, FAMILIES['llama'])",
-    "qwen2 effective_config": "effective_config({'hidden_size': 64, 'num_attention_heads': 4}, FAMILIES['qwen2'])",
+    "torch only": "pass",
+    "llama config module": "import transformers.models.llama.configuration_llama",
+    "qwen2 config module": "import transformers.models.qwen2.configuration_qwen2",
     "AutoConfig.for_model(llama)": "from transformers import AutoConfig; AutoConfig.for_model('llama')",
     "import transformers": "import transformers",
+    "import dfsmerge": "import dfsmerge",
 }
 PROGRAM = """
 import sys, time
-from dfsmerge.families import FAMILIES
-from dfsmerge.plan import effective_config
+import torch
 start = time.perf_counter()
 {statement}
 print(time.perf_counter() - start, len(sys.modules))
