@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .families import family_of
-from .plan import DTYPES, compact_plan, is_classifier
+from .plan import DTYPES, compact_plan, dtype_name, is_classifier
 from .recipe import Recipe, RecipeError, Source, Transform, load_recipe
 from .sources import open_checkpoint, read_config
 
@@ -32,11 +32,9 @@ class Sources:
     candidates does no I/O. Configs are read when a source is first named, weights when a candidate first needs
     them; local folders, hub IDs and GGUF files are found as ``merge`` finds them."""
 
-    def __init__(self, sources: Iterable[Source | str] = (), dtype: str = "bfloat16", device: str = "cpu",
-                 cache_dir: str | None = None):
-        if dtype not in DTYPES:
-            raise RecipeError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
-        self.dtype, self.device, self.cache_dir = dtype, device, cache_dir
+    def __init__(self, sources: Iterable[Source | str] = (), dtype: str | torch.dtype = "bfloat16",
+                 device: str = "cpu", cache_dir: str | None = None):
+        self.dtype, self.device, self.cache_dir = dtype_name(dtype), device, cache_dir
         self._configs: dict[Source, dict] = {}
         self._loaded: dict[Source, tuple[Any, Any]] = {}  # source -> (model, tokenizer or None)
         for source in sources:
@@ -108,7 +106,7 @@ def _filled(module: nn.Module, transform: Transform) -> nn.Module:
 def assemble(
     recipe: Recipe | str | Path,
     sources: Sources | None = None,
-    dtype: str | None = None,
+    dtype: str | torch.dtype | None = None,
     device: str | None = None,
     cache_dir: str | None = None,
 ) -> tuple[Any, Any]:
@@ -123,6 +121,7 @@ def assemble(
     from .modeling_dfs import DFS_CLASSES, HopTransform
 
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    dtype = None if dtype is None else dtype_name(dtype)
     if sources is None:
         sources = Sources(dtype=dtype or "bfloat16", device=device or "cpu", cache_dir=cache_dir)
     for name, value in (("dtype", dtype), ("device", device), ("cache_dir", cache_dir)):

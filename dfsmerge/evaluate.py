@@ -27,6 +27,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from .plan import DTYPES, dtype_name
 from .recipe import RecipeError
 
 __all__ = ["Evaluator", "Loglik", "Choice", "Generate", "PythonEvaluator", "EVALUATOR_KEYS", "load_jsonl",
@@ -342,15 +343,16 @@ def perplexity(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], bat
     return math.exp(-Loglik([{"text": t} for t in texts], batch_size, max_length)(model, tokenizer))
 
 
-def load_model(target: str, dtype: str = "float32", device: str = "cpu", cache_dir: str | None = None
+def load_model(target: str, dtype: str | torch.dtype = "float32", device: str = "cpu", cache_dir: str | None = None
                ) -> tuple[torch.nn.Module, Any]:
     """What ``dfsmerge eval`` scores: a model folder (``from_pretrained``), a recipe file (assembled in memory)
     or any other source a recipe may name (a ``.gguf`` file, a hub ID: run as the identity recipe)."""
+    dtype = dtype_name(dtype)
     path = Path(target)
     if (path / "config.json").is_file():
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).to(device)
         return model, AutoTokenizer.from_pretrained(path)
     from .assemble import assemble
     from .recipe import Hop, Recipe, Source, load_recipe

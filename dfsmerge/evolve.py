@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .evaluate import make_evaluators
+from .plan import dtype_name
 from .recipe import (Recipe, RecipeError, Source, load_yaml, parse_source, dump_legacy, dump_native,
                      recipe_from_legacy)
 
@@ -150,8 +151,7 @@ def parse_search(doc: dict, base: Path = Path(".")) -> SearchConfig:
             if not isinstance(doc[key], str):
                 raise RecipeError(f"{key}: expected a string, got {doc[key]!r}")
             setattr(config, key, doc[key])
-    if config.dtype not in ("bfloat16", "float16", "float32"):
-        raise RecipeError(f"dtype: expected bfloat16, float16 or float32, got {config.dtype!r}")
+    config.dtype = dtype_name(config.dtype)
     make_evaluators(config.evaluator, base)  # fail now on a bad evaluator or data file, not in every trial
     return config
 

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import torch
 
 from .families import Family, family_of_type
-from .plan import DTYPES, HOP_TRANSFORM, STORED_LAYER, Plan, is_classifier, make_plan
+from .plan import DTYPES, HOP_TRANSFORM, STORED_LAYER, Plan, dtype_name, is_classifier, make_plan
 from .recipe import Hop, Recipe, RecipeError, Source, Transform
 from .sources import Checkpoint, open_checkpoint, read_config
 from .writer import atomic_folder, check_target, parse_size, write_metadata, write_tensors
@@ -127,7 +127,7 @@ def flatten(
     input_path: str | Path,
     output_path: str | Path,
     *,
-    dtype: str | None = None,
+    dtype: str | torch.dtype | None = None,
     max_shard_size: str | int = "5GB",
     force: bool = False,
     quiet: bool = False,
@@ -140,7 +140,7 @@ def flatten(
     check_target(target, force)
     parse_size(max_shard_size)
     recipe, virtual = read_dfs_checkpoint(input_path, cache_dir)
-    dtype = dtype or str(virtual.config.get("dtype") or virtual.config.get("torch_dtype") or "bfloat16")
+    dtype = dtype_name(dtype or virtual.config.get("dtype") or virtual.config.get("torch_dtype") or "bfloat16")
     with atomic_folder(target, force) as tmp:
         plan = _write_flat(tmp, recipe, virtual, dtype, max_shard_size, progress=not quiet)
         write_metadata(tmp, plan, [virtual], command or f"dfsmerge flatten {input_path} {output_path}")

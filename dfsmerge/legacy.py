@@ -10,7 +10,7 @@ import torch
 
 from .assemble import assemble
 from .merge import merge, plan_recipe
-from .plan import Plan
+from .plan import DTYPES, Plan, dtype_name
 from .recipe import Recipe, load_recipe, parse_recipe, recipe_from_legacy
 
 __all__ = ["dfs_execute_from_config", "dfs_excute_from_config", "data_flow_space_layer_merge"]
@@ -20,13 +20,14 @@ def dfs_execute_from_config(
     merge_config: str | Path | dict | Recipe,
     output_path: str | Path | None = None,
     device: str = "cpu",
-    dtype: str = "bfloat16",
+    dtype: str | torch.dtype = "bfloat16",
     cache_dir: str | None = None,
     force: bool = False,
     **kwargs: Any,
 ) -> tuple[Any, Any]:
     """Legacy entry point: execute a recipe file (or dict), return ``(model, tokenizer)`` in memory; with
     ``output_path`` the flat model is also written there."""
+    dtype = dtype_name(dtype)
     recipe = parse_recipe(merge_config) if isinstance(merge_config, dict) else (
         merge_config if isinstance(merge_config, Recipe) else load_recipe(merge_config))
     if output_path is not None:
@@ -44,7 +45,7 @@ def _load(path: str | Path, dtype: str, device: str) -> tuple[Any, Any]:
     config = AutoConfig.from_pretrained(path)
     is_cls = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
     auto = AutoModelForSequenceClassification if is_cls else AutoModelForCausalLM
-    model = auto.from_pretrained(path, dtype=getattr(torch, dtype)).to(device)
+    model = auto.from_pretrained(path, dtype=DTYPES[dtype]).to(device)
     return model, AutoTokenizer.from_pretrained(path)
 
 

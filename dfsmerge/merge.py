@@ -7,7 +7,9 @@ import shlex
 import sys
 from pathlib import Path
 
-from .plan import Plan, compact_plan, make_plan
+import torch
+
+from .plan import Plan, compact_plan, dtype_name, make_plan
 from .recipe import Recipe, RecipeError, load_recipe
 from .sources import Checkpoint, open_checkpoint, read_config
 from .writer import atomic_folder, check_target, parse_size, write_metadata, write_modeling_file, write_tensors
@@ -44,7 +46,7 @@ def merge(
     recipe: Recipe | str | Path,
     output_path: str | Path,
     *,
-    dtype: str = "bfloat16",
+    dtype: str | torch.dtype = "bfloat16",
     device: str = "cpu",
     max_shard_size: str | int = "5GB",
     force: bool = False,
@@ -56,7 +58,8 @@ def merge(
     """Execute ``recipe`` into a plain ``*ForCausalLM`` / ``*ForSequenceClassification`` folder at
     ``output_path``, or with ``format="compact"`` into a compact DFS checkpoint (each used source layer stored
     once; see ``plan.compact_plan``). Everything is validated before any weight is read; the folder appears
-    only when complete."""
+    only when complete. ``dtype`` is a name (``"bfloat16"``) or a ``torch.dtype``."""
+    dtype = dtype_name(dtype)
     target = Path(output_path)
     check_target(target, force)
     parse_size(max_shard_size)

@@ -16,6 +16,7 @@ hop table in ``config.json`` and the per-hop transforms as tensors (``model.dfs_
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -24,14 +25,23 @@ import torch
 from .families import FAMILIES, SHAPE_KEYS, Family, family_of
 from .recipe import IDENTITY, Recipe, RecipeError, Transform
 
-__all__ = ["TensorTask", "Plan", "make_plan", "compact_plan", "is_classifier", "DTYPES", "STORED_LAYER",
-           "HOP_TRANSFORM"]
+__all__ = ["TensorTask", "Plan", "make_plan", "compact_plan", "is_classifier", "DTYPES", "dtype_name",
+           "effective_config", "STORED_LAYER", "HOP_TRANSFORM"]
 
 STORED_LAYER = "model.dfs_layers.{u}."  # compact layout: stored layer u's tensors
 HOP_TRANSFORM = "model.dfs_transforms.{k}."  # compact layout: hop k's ``scale`` / ``bias``
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _CHUNK_ELEMENTS = 1 << 24  # rows are transformed in chunks of about 64 MB of float32
+
+
+def dtype_name(value: str | torch.dtype) -> str:
+    """The name of an output dtype (a key of :data:`DTYPES`) from any of its spellings: ``"float32"``,
+    ``"torch.float32"`` or ``torch.float32``. Raises ``RecipeError`` naming ``dtype`` for anything else."""
+    name = str(value).removeprefix("torch.") if isinstance(value, (str, torch.dtype)) else None
+    if name not in DTYPES:
+        raise RecipeError(f"dtype: expected bfloat16, float16 or float32 (or torch.float32 etc.), got {value!r:.60}")
+    return name
 
 
 @dataclass(frozen=True)
@@ -105,7 +115,7 @@ class Plan:
         return sum(t.numel for t in self.tasks)
 
     def nbytes(self, dtype: str = "bfloat16") -> int:
-        return self.num_params() * DTYPES[dtype].itemsize
+        return self.num_params() * DTYPES[dtype_name(dtype)].itemsize
 
     def compact_params(self) -> int:
         """Parameters of the same recipe in the compact format (each used source layer stored once)."""
@@ -118,14 +128,9 @@ def _validate(recipe: Recipe, configs: list[dict]) -> Family:
         if fam is not families[0]:
             raise RecipeError(f"models[{i}]: model_type {fam.model_type!r} differs from models[0] "
                               f"({families[0].model_type!r}); all sources must be one family")
-    first = configs[0]
-    for i, config in enumerate(configs[1:], 1):
-        for key in SHAPE_KEYS:
-            if config.get(key) != first.get(key):
-                raise RecipeError(f"models[{i}]: {key} = {config.get(key)!r} differs from models[0] "
-                                  f"({first.get(key)!r}); the layers of all sources must be interchangeable")
+    _check_same_layers(recipe, configs, families[0])
     _check_layers(recipe, configs)
-    hidden = first["hidden_size"]
+    hidden = configs[0]["hidden_size"]
     for k, hop in enumerate(recipe.hops):
         width = hop.transform.width()
         if width is not None and width != hidden:
@@ -135,6 +140,50 @@ def _validate(recipe: Recipe, configs: list[dict]) -> Family:
         raise RecipeError(f"input_layer_model/output_layer_model: vocabulary sizes differ ({vin} vs {vout}); "
                           "the embeddings and the head must share one vocabulary")
     return families[0]
+
+
+def _check_same_layers(recipe: Recipe, configs: list[dict], family: Family) -> None:
+    """Refuse sources whose decoder layers are not interchangeable: they must agree on every ``SHAPE_KEYS``
+    setting by its effective value (:func:`effective_config`), so that checkpoints written by different
+    transformers versions (``rope_theta`` vs ``rope_parameters``, ``head_dim`` or ``mlp_bias`` left out for their
+    defaults) are one architecture. Raw values are compared first; config classes are consulted only when they
+    differ, or when the family derives settings from keys outside ``SHAPE_KEYS`` (Qwen2's
+    ``use_sliding_window``)."""
+    raw = [{key: c.get(key) for key in SHAPE_KEYS} for c in configs]
+    if not family.per_layer_keys and all(r == raw[0] for r in raw):
+        return
+    settings = [effective_config(c, family, f"models[{i}] ({recipe.sources[i]})") for i, c in enumerate(configs)]
+    for i, values in enumerate(settings[1:], 1):
+        for key in SHAPE_KEYS:
+            if values[key] != settings[0][key]:
+                raise RecipeError(f"models[{i}]: {key} = {values[key]!r:.200} differs from models[0] "
+                                  f"({settings[0][key]!r:.200}); the layers of all sources must be interchangeable")
+
+
+def effective_config(config: dict, family: Family, where: str = "config.json") -> dict:
+    """The values of ``SHAPE_KEYS`` and of the family's per-layer keys as transformers' config class of the family
+    reads ``config`` (a ``config.json`` mapping): defaults filled in, old spellings normalised (transformers 5
+    folds a 4.x top-level ``rope_theta`` / ``rope_scaling`` into ``rope_parameters``), per-layer settings derived (Qwen2's
+    ``layer_types`` from ``use_sliding_window`` and ``max_window_layers``), ``sliding_window`` None where no layer
+    slides. ``head_dim`` is ``hidden_size // num_attention_heads`` where the class has none (what its attention
+    uses). Keys the class does not know are None.
+
+    Imports only the family's configuration module (``transformers.models.<type>.configuration_<type>``), on the
+    first call. Raises ``RecipeError`` naming ``where`` when the class refuses the config."""
+    module = importlib.import_module(f"transformers.models.{family.model_type}.configuration_{family.model_type}")
+    config_class = getattr(module, family.causal_lm.removesuffix("ForCausalLM") + "Config")
+    try:
+        parsed = config_class(**config)
+    except Exception as exc:  # transformers raises several types (strict dataclass validation, ValueError)
+        reason = " ".join(str(exc).split())
+        raise RecipeError(f"{where}: config.json is not a valid {config_class.__name__}: {reason:.300}") from None
+    values = {key: getattr(parsed, key, None) for key in (*SHAPE_KEYS, *family.per_layer_keys)}
+    values["head_dim"] = values["head_dim"] or parsed.hidden_size // parsed.num_attention_heads
+    for key in ("rope_parameters", "rope_scaling"):  # a 4.x rope_scaling's "type" stays beside its "rope_type"
+        rope = values[key]
+        if isinstance(rope, dict) and "rope_type" in rope:
+            values[key] = {k: v for k, v in rope.items() if k != "type"}
+    return values
 
 
 def _check_layers(recipe: Recipe, configs: list[dict]) -> None:
@@ -159,8 +208,6 @@ def is_classifier(config: dict) -> bool:
 def _checked(recipe: Recipe, configs: list[dict], dtype: str) -> tuple[Family, bool]:
     """The sources' family and whether the output is a sequence classifier, after validating everything that
     both layouts need."""
-    if dtype not in DTYPES:
-        raise RecipeError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
     family = _validate(recipe, configs)
     out_cfg = configs[recipe.output_model]
     classification = is_classifier(out_cfg) if recipe.classification is None else recipe.classification
@@ -191,6 +238,7 @@ def make_plan(recipe: Recipe, configs: list[dict], dtype: str = "bfloat16") -> P
     """Validate ``recipe`` against the source configs and plan every output tensor of the flat layout.
 
     Raises ``RecipeError`` naming the recipe field for anything the sources cannot do."""
+    dtype = dtype_name(dtype)
     family, classification = _checked(recipe, configs, dtype)
     hops = recipe.hops
     biased = any(h.transform.has_bias for h in hops[1:])
@@ -233,6 +281,7 @@ def _kind(value: float | torch.Tensor, identity: float) -> str | None:
 def compact_plan(recipe: Recipe, configs: list[dict], dtype: str = "bfloat16") -> Plan:
     """Validate ``recipe`` against the source configs and plan its compact checkpoint (also the config of the
     in-memory model that ``assemble`` builds). Unlike the flat layout it takes biases in any family."""
+    dtype = dtype_name(dtype)
     family, classification = _checked(recipe, configs, dtype)
     if not family.dfs:
         raise RecipeError(f"models: the compact format and in-memory models support "
@@ -284,6 +333,10 @@ def _head_tasks(recipe: Recipe, family: Family, out_cfg: dict, classification: b
 
 def _output_config(recipe: Recipe, family: Family, configs: list[dict], classification: bool, tied: bool,
                    biased: bool, dtype: str) -> dict:
+    """The output ``config.json``: the output model's, with the input model's special tokens where it sets them
+    (its tokenizer is the output's; a causal LM without ``pad_token_id`` leaves a classifier's own, which
+    transformers needs to pool a padded batch), and every per-layer setting written out hop by hop, however the
+    sources spell it (:func:`effective_config`)."""
     out_cfg, in_cfg = configs[recipe.output_model], configs[recipe.input_model]
     config = {k: v for k, v in out_cfg.items() if k not in ("_name_or_path", "quantization_config", "torch_dtype")}
     config["architectures"] = [family.classifier if classification else family.causal_lm]
@@ -291,11 +344,13 @@ def _output_config(recipe: Recipe, family: Family, configs: list[dict], classifi
     config["dtype"] = dtype
     config["tie_word_embeddings"] = tied
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):  # they belong to the input model's tokenizer
-        if key in in_cfg:
+        if in_cfg.get(key) is not None:
             config[key] = in_cfg[key]
     if biased:
         config[family.mlp_bias_key] = True
-    for key in family.per_layer_keys:
-        if all(isinstance(configs[h.model].get(key), list) for h in recipe.hops):
-            config[key] = [configs[h.model][key][h.layer] for h in recipe.hops]
+    if family.per_layer_keys:
+        settings = {m: effective_config(configs[m], family, f"models[{m}] ({recipe.sources[m]})")
+                    for m in {h.model for h in recipe.hops}}
+        for key in family.per_layer_keys:
+            config[key] = [settings[h.model][key][h.layer] for h in recipe.hops]
     return config

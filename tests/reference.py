@@ -14,13 +14,16 @@ no dfsmerge code except the :class:`~dfsmerge.recipe.Recipe` dataclasses it read
     logits = head(norm(x))                          # output model (lm_head or score)
 
 Attention runs with the eager implementation and an explicit additive mask (causal, key padding, and the
-source layer's sliding window if it has one); positions are ``0..T-1`` as in a plain transformers forward
+source layer's sliding window if it has one, read from the source's ``config.json`` by the families' documented
+rules, not by transformers' config classes); positions are ``0..T-1`` as in a plain transformers forward
 without a cache; rotary embeddings come from the output model.
 """
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 
@@ -57,12 +60,32 @@ def apply_transform(transform, x: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def _sliding_window(config, layer: int) -> int | None:
-    window = getattr(config, "sliding_window", None)
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types is not None and layer_types[layer] != "sliding_attention":
+def _raw_config(path: str, model: torch.nn.Module) -> dict:
+    """The source's ``config.json`` as written; a source without one (a GGUF file) has only its loaded config."""
+    file = Path(path) / "config.json"
+    return json.loads(file.read_text()) if file.is_file() else model.config.to_dict()
+
+
+def _sliding_window(raw: dict, layer: int) -> int | None:
+    """The window of source layer ``layer`` (None: full attention), from its ``config.json`` as each family's
+    documentation states it. Llama: none. Mistral: ``sliding_window`` (default 4096) on every layer.
+    Qwen2 / Qwen3: none unless ``use_sliding_window``; then ``sliding_window`` (default 4096) on the layers that
+    ``layer_types`` marks ``sliding_attention`` or, without ``layer_types``, on layers ``max_window_layers``
+    (default 28) and up ("the first max_window_layers layers use full attention")."""
+    model_type = raw["model_type"]
+    if model_type == "llama":
         return None
-    return window
+    if model_type == "mistral":
+        return raw.get("sliding_window", 4096)
+    if model_type in ("qwen2", "qwen3"):
+        if not raw.get("use_sliding_window", False):
+            return None
+        window = raw.get("sliding_window", 4096)
+        types = raw.get("layer_types")
+        if types is not None:
+            return window if types[layer] == "sliding_attention" else None
+        return window if layer >= raw.get("max_window_layers", 28) else None
+    raise ValueError(f"reference: no sliding-window rule for model_type {model_type!r}")
 
 
 def _additive_mask(attention_mask: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -109,7 +132,8 @@ def reference_logits(recipe, input_ids, attention_mask=None) -> torch.Tensor:
     for k, hop in enumerate(recipe.hops):
         source = models[hop.model]
         layer = source.model.layers[hop.layer]
-        mask = _additive_mask(attention_mask, _sliding_window(source.config, hop.layer))
+        window = _sliding_window(_raw_config(str(recipe.sources[hop.model].path), source), hop.layer)
+        mask = _additive_mask(attention_mask, window)
         attn, _ = layer.self_attn(hidden_states=layer.input_layernorm(x), position_embeddings=(cos, sin),
                                   attention_mask=mask)
         x = x + attn
