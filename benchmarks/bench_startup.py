@@ -30,9 +30,9 @@ _PROBE = "import atexit, sys; atexit.register(lambda: print('imported:', 'torch'
          "'transformers' in sys.modules, file=sys.stderr))"
 
 
-def run(args: list[str], env: dict) -> tuple[float, str]:
+def run(args: list[str], env: dict, cwd: str) -> tuple[float, str]:
     start = time.perf_counter()
-    proc = subprocess.run(args, env=env, capture_output=True, text=True)
+    proc = subprocess.run(args, env=env, capture_output=True, text=True, cwd=cwd)
     wall = time.perf_counter() - start
     if proc.returncode:
         raise SystemExit(f"{args} failed:\n{proc.stderr}")
@@ -65,7 +65,8 @@ def main() -> None:
         imported: dict[str, str] = {}
         for _ in range(args.rounds):
             for name, (root, command) in commands.items():
-                wall, imported[name] = run(command, {**os.environ, "PYTHONPATH": root})
+                # cwd: not a checkout, since `python -c` puts the working folder first on sys.path
+                wall, imported[name] = run(command, {**os.environ, "PYTHONPATH": root}, tmp)
                 times[name].append(wall)
     print(f"{args.rounds} alternated rounds; " + ", ".join(f"[{n}] {root}" for n, root in enumerate(args.root)))
     for name, walls in times.items():
