@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -165,6 +165,26 @@ def share(module: nn.Module) -> nn.Module:
     return clone
 
 
+def device_of(module: nn.Module) -> torch.device:
+    """The device of a module's first parameter."""
+    return next(module.parameters()).device
+
+
+def inputs_to(device: torch.device) -> Callable:
+    """A forward pre-hook (``with_kwargs=True``) that moves the tensors among a module's arguments (also inside
+    tuples, such as the rotary embedding's ``(cos, sin)``) to ``device``: a hop running a layer on another device
+    than the previous hop takes its input there, the final norm and head take the last hop's output."""
+    def moved(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return value.to(device)
+        return tuple(moved(v) for v in value) if type(value) is tuple else value
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        return moved(args), {name: moved(value) for name, value in kwargs.items()}
+
+    return hook
+
+
 def _filled(module: nn.Module, transform: Transform) -> nn.Module:
     """A fresh ``HopTransform`` with the values of a recipe's transform."""
     with torch.no_grad():
@@ -178,7 +198,7 @@ def assemble(
     recipe: Recipe | str | Path,
     sources: Sources | None = None,
     dtype: str | None = None,
-    device: str | None = None,
+    device: str | Sequence[str] | None = None,
     cache_dir: str | None = None,
 ) -> tuple[Any, Any]:
     """Build ``recipe`` in memory: ``(model, tokenizer)``, the model a ``DFS*ForCausalLM`` /
@@ -188,6 +208,11 @@ def assemble(
     ``device`` (default ``"cpu"``) and ``cache_dir`` are those of ``sources`` when it is given; passing
     different ones is an error. The recipe is validated against the source configs before any weight is read.
     ``model.save_pretrained(path)`` writes the flat format; ``format="compact"`` the compact one.
+
+    Each part of the candidate runs where its source is: embeddings on the input model's device, a hop on its
+    layer's, the final norm and head on the output model's. When they differ, forward pre-hooks move the hidden
+    state (and the mask and rotary embeddings) at each change of device; each hop's KV cache stays on its
+    layer's device.
     """
     from .modeling_dfs import DFS_CLASSES, HopTransform
 
@@ -212,15 +237,21 @@ def assemble(
     decoder.norm = share(last.model.norm)
     decoder.rotary_emb = share(last.model.rotary_emb)
     decoder.dfs_layers = nn.ModuleList(share(loaded[m].model.layers[layer]) for m, layer in recipe.used_layers())
-    with torch.device(sources.device):
-        decoder.dfs_transforms = nn.ModuleDict({
-            str(k): _filled(HopTransform(config.hidden_size, scale, bias), recipe.hops[k].transform)
-            for k, (_, scale, bias) in enumerate(config.dfs_hops) if scale or bias
-        }).to(DTYPES[sources.dtype])
+    # T_0 acts on the embeddings, T_{k+1} inside hop k's MLP: each lives where its input is
+    devices = [device_of(decoder.embed_tokens)] + [device_of(decoder.dfs_layers[u]) for u, _, _ in config.dfs_hops]
+    transforms = {}
+    for k, (_, scale, bias) in enumerate(config.dfs_hops):
+        if scale or bias:
+            with torch.device(devices[k]):
+                transforms[str(k)] = _filled(HopTransform(config.hidden_size, scale, bias), recipe.hops[k].transform)
+    decoder.dfs_transforms = nn.ModuleDict(transforms).to(DTYPES[sources.dtype])
     if plan.classification:
         model.score = share(last.score)
     else:
         model.lm_head = share(last.lm_head)
+    if len({*devices, device_of(decoder.norm)}) > 1:  # sources on several devices: move at the device changes
+        for module in [*decoder.dfs_layers, decoder.norm]:  # a layer's hop views share its hooks
+            module.register_forward_pre_hook(inputs_to(device_of(module)), with_kwargs=True)
     model.eval()  # before the hop views exist: they copy the mode of the layers they view
     decoder.link_hops()
     if model.can_generate():
