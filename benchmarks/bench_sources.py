@@ -2,8 +2,9 @@
 32000: about 200M parameters, 0.8 GB on disk) loaded as bfloat16, each load in a fresh process.
 
 Prints the peak anonymous memory (RssAnon sampled every 5 ms: what the process allocated, mmapped file pages
-excluded) above what the process held after its imports, the peak resident set (VmHWM, which also counts the mmapped float32 file pages the load touched;
-those are clean page cache the kernel can drop), and both against the size of the bfloat16 model. Twice: with
+excluded) above what the process held after its imports, against the size of the bfloat16 model, and the peak
+resident set (VmHWM, which also counts the mmapped float32 file pages the load touched: clean page cache the
+kernel can drop). Twice: with
 ``sources.py`` reading safetensors as it does (zero-copy views of the memory-mapped file) and with safetensors'
 ``pread`` backend, where every read returns a tensor of its own, as a GGUF source's dequantized tensors are.
 
@@ -111,8 +112,8 @@ def main() -> None:
           f"({params / 1e6:.0f}M parameters); {args.rounds} rounds, medians")
     for (root, reads), rows in results.items():
         peak, hwm, base = (statistics.median(r[i] for r in rows) for i in range(3))
-        print(f"{reads:>5} reads, {root}: peak RssAnon above the imports {peak / 2**20:6.0f} MiB ({peak / model:.2f}x the bf16 "
-              f"model; imports {base / 2**20:.0f} MiB)  VmHWM {hwm / 2**20:6.0f} MiB")
+        print(f"{reads:>5} reads, {root}: peak RssAnon above the imports {peak / 2**20:6.0f} MiB "
+              f"({peak / model:.2f}x the bf16 model; imports {base / 2**20:.0f} MiB)  VmHWM {hwm / 2**20:6.0f} MiB")
 
 
 if __name__ == "__main__":

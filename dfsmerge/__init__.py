@@ -7,8 +7,8 @@ recipe (``recipe.py``) -> model knowledge (``families.py``) -> plan, flat and co
 import-linter contract).
 
 Importing the package imports neither torch nor transformers: the public names are imported on first use
-(PEP 562), so the command line starts fast and ``plan`` and ``merge`` never import transformers. The DFS classes
-are registered with transformers' Auto classes (so a compact folder loads with
+(PEP 562), so ``--help`` imports neither and ``plan`` and ``merge`` of safetensors sources import no
+transformers. The DFS classes are registered with transformers' Auto classes (so a compact folder loads with
 ``AutoModelForCausalLM.from_pretrained(folder)``, no remote code) at ``import dfsmerge`` when transformers' Auto
 classes are already imported, and otherwise as soon as they are (:class:`_AutoClassRegistration`).
 """

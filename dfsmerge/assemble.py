@@ -22,7 +22,7 @@ from .plan import DTYPES, compact_plan, is_classifier
 from .recipe import Recipe, RecipeError, Source, Transform, load_recipe
 from .sources import Checkpoint, open_checkpoint, read_config
 
-__all__ = ["Sources", "assemble", "load_model"]
+__all__ = ["Sources", "assemble", "model_from_checkpoint"]
 
 _TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json"}
 
@@ -87,8 +87,8 @@ class Sources:
             family = family_of(config, str(source))
             checkpoint = open_checkpoint(source, config, self.cache_dir, DTYPES[self.dtype])
             cls = getattr(transformers, family.classifier if is_classifier(config) else family.causal_lm)
-            model = load_model(cls, transformers.AutoConfig.for_model(**config), checkpoint, DTYPES[self.dtype],
-                               self.next_device())
+            model = model_from_checkpoint(cls, transformers.AutoConfig.for_model(**config), checkpoint,
+                                          DTYPES[self.dtype], self.next_device())
             tokenizer = None
             if {f.name for f in checkpoint.tokenizer_files()} & _TOKENIZER_FILES:
                 tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint.folder)
@@ -96,12 +96,12 @@ class Sources:
         return self._loaded[source]
 
 
-def _devices(device: str | Sequence[str]) -> list[torch.device]:
+def _devices(device: str | torch.device | Sequence[str]) -> list[torch.device]:
     """The devices a ``Sources`` places its sources on; RecipeError names a device torch or this machine lacks."""
     if device == "auto":
         count = torch.cuda.device_count()
         return [torch.device("cuda", i) for i in range(count)] if count else [torch.device("cpu")]
-    names = [device] if isinstance(device, str) else list(device)
+    names = [device] if isinstance(device, (str, torch.device)) else list(device)
     if not names:
         raise RecipeError("device: expected a device, a list of devices or 'auto', got an empty list")
     devices = []
@@ -113,13 +113,14 @@ def _devices(device: str | Sequence[str]) -> list[torch.device]:
                               ) from None
         if parsed.type == "cuda":
             count = torch.cuda.device_count()
-            if parsed.index is not None and parsed.index >= count or not count:
+            if not count or (parsed.index or 0) >= count:
                 raise RecipeError(f"device: {name!r} is not on this machine, which has {count} CUDA device(s)")
         devices.append(parsed)
     return devices
 
 
-def load_model(cls: type, config: Any, checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device) -> Any:
+def model_from_checkpoint(cls: type, config: Any, checkpoint: Checkpoint, dtype: torch.dtype,
+                          device: torch.device) -> Any:
     """``cls(config)`` (a transformers model) holding ``checkpoint``'s tensors, each converted to ``dtype`` (a
     floating tensor) on ``device`` as it is read. The model is built on the meta device, so nothing is allocated
     before the tensors arrive; the modules whose buffers are not in checkpoints (the rotary embedding's inverse

@@ -25,8 +25,8 @@ from .recipe import RecipeError, Source, dump_native
 from .sources import Checkpoint
 
 __all__ = ["parse_size", "atomic_folder", "write_tensors", "check_target", "write_metadata", "model_card",
-           "write_modeling_file", "portable_tokenizer_config", "TOKENIZER_CLASSES_BOTH_READ", "hub_ids", "card_base_model",
-           "CARD_TAGS"]
+           "write_modeling_file", "portable_tokenizer_config", "TOKENIZER_CLASSES_BOTH_READ", "hub_ids",
+           "card_base_model", "CARD_TAGS"]
 
 CARD_TAGS = ("merge", "dfsmerge", "data-flow-space")
 MODELING_FILE = Path(__file__).with_name("modeling_dfs.py")  # the code a compact folder runs on
