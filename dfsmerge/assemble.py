@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -20,9 +20,9 @@ from torch import nn
 from .families import family_of
 from .plan import DTYPES, compact_plan, dtype_name, is_classifier
 from .recipe import Recipe, RecipeError, Source, Transform, load_recipe
-from .sources import open_checkpoint, read_config
+from .sources import Checkpoint, open_checkpoint, read_config
 
-__all__ = ["Sources", "assemble"]
+__all__ = ["Sources", "assemble", "model_from_checkpoint"]
 
 _TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json"}
 
@@ -30,11 +30,21 @@ _TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 class Sources:
     """Source models loaded once with transformers (``dtype``, ``device``) and kept, so that assembling many
     candidates does no I/O. Configs are read when a source is first named, weights when a candidate first needs
-    them; local folders, hub IDs and GGUF files are found as ``merge`` finds them."""
+    them; local folders, hub IDs and GGUF files are found as ``merge`` finds them.
+
+    A source is read tensor by tensor, each tensor converted to ``dtype`` on its device as it is read: the
+    process never holds a second copy of a model (a float32 file loaded as bfloat16 peaks at the bfloat16 model
+    plus one float32 tensor; ``benchmarks/bench_sources.py``). ``device`` is one device (``"cpu"``,
+    ``"cuda:1"``), a list of devices that the sources take in turn as they are loaded (round robin), or
+    ``"auto"``: each source on the CUDA device with the most free memory when it is loaded (the CPU when there is
+    none). A candidate over sources on several devices moves its hidden states at the hops that change device.
+
+    Raises RecipeError for an unknown dtype or a device that torch does not know or this machine lacks."""
 
     def __init__(self, sources: Iterable[Source | str] = (), dtype: str | torch.dtype = "bfloat16",
-                 device: str = "cpu", cache_dir: str | None = None):
+                 device: str | Sequence[str] = "cpu", cache_dir: str | None = None):
         self.dtype, self.device, self.cache_dir = dtype_name(dtype), device, cache_dir
+        self.devices = _devices(device)
         self._configs: dict[Source, dict] = {}
         self._loaded: dict[Source, tuple[Any, Any]] = {}  # source -> (model, tokenizer or None)
         for source in sources:
@@ -56,10 +66,16 @@ class Sources:
         return self._load(_as_source(source))[1]
 
     def add(self, source: Source | str, model: Any, tokenizer: Any = None) -> None:
-        """Use an already-loaded model (of this object's dtype and device) as ``source``."""
+        """Use an already-loaded model (of this object's dtype, on any device) as ``source``."""
         source = _as_source(source)
         self._configs[source] = model.config.to_dict()
         self._loaded[source] = (model, tokenizer)
+
+    def next_device(self) -> torch.device:
+        """The device the next source loaded goes to."""
+        if self.device == "auto" and self.devices[0].type == "cuda":
+            return max(self.devices, key=lambda d: torch.cuda.mem_get_info(d)[0])
+        return self.devices[len(self._loaded) % len(self.devices)]
 
     def _load(self, source: Source) -> tuple[Any, Any]:
         if source not in self._loaded:
@@ -69,14 +85,68 @@ class Sources:
             family = family_of(config, str(source))
             checkpoint = open_checkpoint(source, config, self.cache_dir, DTYPES[self.dtype])
             cls = getattr(transformers, family.classifier if is_classifier(config) else family.causal_lm)
-            model = cls.from_pretrained(None, config=transformers.AutoConfig.for_model(**config),
-                                        state_dict={n: checkpoint.get(n) for n in checkpoint.names()},
-                                        dtype=DTYPES[self.dtype])
+            model = model_from_checkpoint(cls, transformers.AutoConfig.for_model(**config), checkpoint,
+                                          DTYPES[self.dtype], self.next_device())
             tokenizer = None
             if {f.name for f in checkpoint.tokenizer_files()} & _TOKENIZER_FILES:
                 tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint.folder)
-            self._loaded[source] = (model.to(self.device).eval(), tokenizer)
+            self._loaded[source] = (model, tokenizer)
         return self._loaded[source]
+
+
+def _devices(device: str | torch.device | Sequence[str]) -> list[torch.device]:
+    """The devices a ``Sources`` places its sources on; RecipeError names a device torch or this machine lacks."""
+    if device == "auto":
+        count = torch.cuda.device_count()
+        return [torch.device("cuda", i) for i in range(count)] if count else [torch.device("cpu")]
+    names = [device] if isinstance(device, (str, torch.device)) else list(device)
+    if not names:
+        raise RecipeError("device: expected a device, a list of devices or 'auto', got an empty list")
+    devices = []
+    for name in names:
+        try:
+            parsed = torch.device(name)
+        except (RuntimeError, TypeError):
+            raise RecipeError(f"device: expected cpu, cuda, cuda:N (or a list of them, or 'auto'), got {name!r}"
+                              ) from None
+        if parsed.type == "cuda":
+            count = torch.cuda.device_count()
+            if not count or (parsed.index or 0) >= count:
+                raise RecipeError(f"device: {name!r} is not on this machine, which has {count} CUDA device(s)")
+        devices.append(parsed)
+    return devices
+
+
+def model_from_checkpoint(cls: type, config: Any, checkpoint: Checkpoint, dtype: torch.dtype,
+                          device: torch.device) -> Any:
+    """``cls(config)`` (a transformers model) holding ``checkpoint``'s tensors, each converted to ``dtype`` (a
+    floating tensor) on ``device`` as it is read. The model is built on the meta device, so nothing is allocated
+    before the tensors arrive; the modules whose buffers are not in checkpoints (the rotary embedding's inverse
+    frequencies) are built again on ``device`` from the config. An untied head missing from the checkpoint is a
+    RecipeError naming the tensor; a tied one is tied. Returns the model in eval mode."""
+    config.dtype = dtype
+    with torch.device("meta"):
+        model = cls(config)
+    tied = set() if not config.tie_word_embeddings else {n for n in model.state_dict() if n.startswith("lm_head.")}
+    state = {}
+    for name in model.state_dict():
+        if name in tied and name not in checkpoint:
+            continue
+        tensor = checkpoint.get(name)
+        state[name] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None)
+        del tensor  # a tensor the checkpoint made for this call (a dequantized GGUF tensor) is freed here
+    model.load_state_dict(state, strict=False, assign=True)
+    for name, module in list(model.named_modules()):
+        if any(b.is_meta for b in module.buffers(recurse=False)):
+            parent, _, child = name.rpartition(".")
+            with torch.device(device):
+                setattr(model.get_submodule(parent), child, type(module)(config))
+    if tied:
+        model.tie_weights()
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left and device.type != "meta":
+        raise RuntimeError(f"{checkpoint.source}: tensors left unloaded: {left}")
+    return model.eval()
 
 
 def _as_source(source: Source | str) -> Source:
@@ -94,6 +164,26 @@ def share(module: nn.Module) -> nn.Module:
     return clone
 
 
+def device_of(module: nn.Module) -> torch.device:
+    """The device of a module's first parameter."""
+    return next(module.parameters()).device
+
+
+def inputs_to(device: torch.device) -> Callable:
+    """A forward pre-hook (``with_kwargs=True``) that moves the tensors among a module's arguments (also inside
+    tuples, such as the rotary embedding's ``(cos, sin)``) to ``device``: a hop running a layer on another device
+    than the previous hop takes its input there, the final norm and head take the last hop's output."""
+    def moved(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return value.to(device)
+        return tuple(moved(v) for v in value) if type(value) is tuple else value
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        return moved(args), {name: moved(value) for name, value in kwargs.items()}
+
+    return hook
+
+
 def _filled(module: nn.Module, transform: Transform) -> nn.Module:
     """A fresh ``HopTransform`` with the values of a recipe's transform."""
     with torch.no_grad():
@@ -107,7 +197,7 @@ def assemble(
     recipe: Recipe | str | Path,
     sources: Sources | None = None,
     dtype: str | torch.dtype | None = None,
-    device: str | None = None,
+    device: str | Sequence[str] | None = None,
     cache_dir: str | None = None,
 ) -> tuple[Any, Any]:
     """Build ``recipe`` in memory: ``(model, tokenizer)``, the model a ``DFS*ForCausalLM`` /
@@ -117,6 +207,11 @@ def assemble(
     ``device`` (default ``"cpu"``) and ``cache_dir`` are those of ``sources`` when it is given; passing
     different ones is an error. The recipe is validated against the source configs before any weight is read.
     ``model.save_pretrained(path)`` writes the flat format; ``format="compact"`` the compact one.
+
+    Each part of the candidate runs where its source is: embeddings on the input model's device, a hop on its
+    layer's, the final norm and head on the output model's. When they differ, forward pre-hooks move the hidden
+    state (and the mask and rotary embeddings) at each change of device; each hop's KV cache stays on its
+    layer's device.
     """
     from .modeling_dfs import DFS_CLASSES, HopTransform
 
@@ -141,15 +236,21 @@ def assemble(
     decoder.norm = share(last.model.norm)
     decoder.rotary_emb = share(last.model.rotary_emb)
     decoder.dfs_layers = nn.ModuleList(share(loaded[m].model.layers[layer]) for m, layer in recipe.used_layers())
-    with torch.device(sources.device):
-        decoder.dfs_transforms = nn.ModuleDict({
-            str(k): _filled(HopTransform(config.hidden_size, scale, bias), recipe.hops[k].transform)
-            for k, (_, scale, bias) in enumerate(config.dfs_hops) if scale or bias
-        }).to(DTYPES[sources.dtype])
+    # T_0 acts on the embeddings, T_{k+1} inside hop k's MLP: each lives where its input is
+    devices = [device_of(decoder.embed_tokens)] + [device_of(decoder.dfs_layers[u]) for u, _, _ in config.dfs_hops]
+    transforms = {}
+    for k, (_, scale, bias) in enumerate(config.dfs_hops):
+        if scale or bias:
+            with torch.device(devices[k]):
+                transforms[str(k)] = _filled(HopTransform(config.hidden_size, scale, bias), recipe.hops[k].transform)
+    decoder.dfs_transforms = nn.ModuleDict(transforms).to(DTYPES[sources.dtype])
     if plan.classification:
         model.score = share(last.score)
     else:
         model.lm_head = share(last.lm_head)
+    if len({*devices, device_of(decoder.norm)}) > 1:  # sources on several devices: move at the device changes
+        for module in [*decoder.dfs_layers, decoder.norm]:  # a layer's hop views share its hooks
+            module.register_forward_pre_hook(inputs_to(device_of(module)), with_kwargs=True)
     model.eval()  # before the hop views exist: they copy the mode of the layers they view
     decoder.link_hops()
     if model.can_generate():

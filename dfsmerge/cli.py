@@ -1,5 +1,5 @@
 """The ``dfsmerge`` command line: a thin shell over the Python API. Errors print one line, not a traceback
-(``--debug`` shows it)."""
+(``--debug`` shows it). Each command imports what it needs when it runs, so ``--help`` imports no torch."""
 
 from __future__ import annotations
 
@@ -8,9 +8,6 @@ import logging
 import math
 import sys
 from typing import Callable
-
-from .plan import DTYPES
-from .recipe import RecipeError
 
 __all__ = ["main"]
 
@@ -43,6 +40,8 @@ def cmd_flatten(args: argparse.Namespace) -> None:
 
 def cmd_plan(args: argparse.Namespace) -> None:
     from .merge import plan_recipe
+    from .plan import DTYPES
+    from .recipe import RecipeError
 
     plan = plan_recipe(args.recipe, args.dtype, args.cache_dir)
     recipe = plan.recipe
@@ -194,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     quiet = getattr(args, "quiet", False)
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
     func: Callable[[argparse.Namespace], None] = args.func
+    from .recipe import RecipeError
+
     try:
         func(args)
     except (RecipeError, FileExistsError) as exc:

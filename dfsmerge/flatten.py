@@ -24,7 +24,7 @@ from .families import Family, family_of_type
 from .plan import DTYPES, HOP_TRANSFORM, STORED_LAYER, Plan, dtype_name, is_classifier, make_plan
 from .recipe import Hop, Recipe, RecipeError, Source, Transform
 from .sources import Checkpoint, open_checkpoint, read_config
-from .writer import atomic_folder, check_target, parse_size, write_metadata, write_tensors
+from .writer import atomic_folder, card_base_model, check_target, parse_size, write_metadata, write_tensors
 
 __all__ = ["read_dfs_checkpoint", "flatten", "save_flat"]
 
@@ -143,7 +143,11 @@ def flatten(
     dtype = dtype_name(dtype or virtual.config.get("dtype") or virtual.config.get("torch_dtype") or "bfloat16")
     with atomic_folder(target, force) as tmp:
         plan = _write_flat(tmp, recipe, virtual, dtype, max_shard_size, progress=not quiet)
-        write_metadata(tmp, plan, [virtual], command or f"dfsmerge flatten {input_path} {output_path}")
+        # the same model in another layout: it keeps the input's base models (and relation) when its card names
+        # them (a compact folder made by dfsmerge), and otherwise derives from the input itself
+        lineage = card_base_model(virtual.folder)
+        write_metadata(tmp, plan, [virtual], command or f"dfsmerge flatten {input_path} {output_path}",
+                       base_model=lineage, relation="merge" if lineage else None)
         original = virtual.folder / "dfsmerge_recipe.yml" if virtual.folder else None
         if original is not None and original.is_file():  # the recipe the compact folder was made from
             shutil.copyfile(original, tmp / original.name)

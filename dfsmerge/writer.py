@@ -20,13 +20,15 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from .plan import DTYPES, Plan, TensorTask
-from .recipe import RecipeError, dump_native
+from .plan import DTYPES, Plan, TensorTask, is_classifier
+from .recipe import RecipeError, Source, dump_native
 from .sources import Checkpoint
 
 __all__ = ["parse_size", "atomic_folder", "write_tensors", "check_target", "write_metadata", "model_card",
-           "write_modeling_file"]
+           "write_modeling_file", "portable_tokenizer_config", "TOKENIZER_CLASSES_BOTH_READ", "hub_ids",
+           "card_base_model", "CARD_TAGS"]
 
+CARD_TAGS = ("merge", "dfsmerge", "data-flow-space")
 MODELING_FILE = Path(__file__).with_name("modeling_dfs.py")  # the code a compact folder runs on
 
 _ST_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
@@ -141,21 +143,85 @@ def write_tensors(
     return [folder / n for n in names]
 
 
-def write_metadata(folder: Path, plan: Plan, checkpoints: Sequence[Checkpoint | None], command: str) -> None:
-    """config.json, the input model's tokenizer and generation files, the recipe and a model card."""
+def write_metadata(folder: Path, plan: Plan, checkpoints: Sequence[Checkpoint | None], command: str,
+                   base_model: Sequence[str] | None = None, relation: str | None = "merge") -> None:
+    """config.json, the input model's tokenizer (its ``tokenizer_config.json`` made readable by transformers 4.x,
+    :func:`portable_tokenizer_config`) and generation files, the recipe and a model card (:func:`model_card`)."""
     (folder / "config.json").write_text(json.dumps(plan.config, indent=2) + "\n")
     source = checkpoints[plan.recipe.input_model]
-    for file in source.tokenizer_files():
-        shutil.copyfile(file, folder / file.name)
+    files = source.tokenizer_files()
+    for file in files:
+        if file.name == "tokenizer_config.json":
+            config = portable_tokenizer_config(json.loads(file.read_text()), {f.name for f in files})
+            (folder / file.name).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        else:
+            shutil.copyfile(file, folder / file.name)
     (folder / "dfsmerge_recipe.yml").write_text(dump_native(plan.recipe))
-    (folder / "README.md").write_text(model_card(plan, checkpoints, command))
+    (folder / "README.md").write_text(model_card(plan, checkpoints, command, base_model, relation))
 
 
-def model_card(plan: Plan, checkpoints: Sequence[Checkpoint | None], command: str) -> str:
-    """A Hugging Face model card naming the sources, the hop table and how the model was made."""
+# Tokenizer classes that both transformers 4.x (from 4.56, the oldest dfsmerge supports; llama.cpp's converter pins
+# 4.57) and 5.x resolve to a tokenizer over tokenizer.json: `PreTrainedTokenizerFast` in both; a family's name with
+# or without `Fast` (4.x, whose AutoTokenizer tries `<name>Fast` first; 5.x, which drops a `Fast` it does not know).
+TOKENIZER_CLASSES_BOTH_READ = frozenset({
+    "PreTrainedTokenizerFast", "LlamaTokenizer", "LlamaTokenizerFast", "CodeLlamaTokenizer",
+    "CodeLlamaTokenizerFast", "GemmaTokenizer", "GemmaTokenizerFast", "GPT2Tokenizer", "GPT2TokenizerFast",
+    "Qwen2Tokenizer", "Qwen2TokenizerFast",
+})
+
+
+def portable_tokenizer_config(config: dict, files: set[str]) -> dict:
+    """A ``tokenizer_config.json`` that transformers 4.x and 5.x both load: a ``tokenizer_class`` outside
+    :data:`TOKENIZER_CLASSES_BOTH_READ` (transformers 5 writes ``TokenizersBackend``, which 4.x does not know) is
+    replaced by ``PreTrainedTokenizerFast``, the class of a tokenizer that is its ``tokenizer.json``, when that
+    file is among ``files``; anything else is kept as it is."""
+    name = config.get("tokenizer_class")
+    if name is None or name in TOKENIZER_CLASSES_BOTH_READ or "tokenizer.json" not in files:
+        return config
+    return {**config, "tokenizer_class": "PreTrainedTokenizerFast"}
+
+
+def hub_ids(sources: Sequence[Source]) -> list[str]:
+    """The sources that are Hugging Face hub model IDs (not local paths), for a model card's ``base_model``."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    ids = []
+    for source in sources:
+        try:
+            validate_repo_id(source.path)
+        except HFValidationError:
+            continue
+        if not Path(source.path).exists() and source.path not in ids:
+            ids.append(source.path)
+    return ids
+
+
+def card_base_model(folder: Path | None) -> list[str] | None:
+    """The ``base_model`` of the model card (``README.md``) in ``folder``, if it has one."""
+    from huggingface_hub.repocard import metadata_load
+
+    card = None if folder is None else Path(folder) / "README.md"
+    if card is None or not card.is_file():
+        return None
+    value = (metadata_load(card) or {}).get("base_model")
+    return [value] if isinstance(value, str) else list(value) if value else None
+
+
+def model_card(plan: Plan, checkpoints: Sequence[Checkpoint | None], command: str,
+               base_model: Sequence[str] | None = None, relation: str | None = "merge") -> str:
+    """A Hugging Face model card naming the sources, the hop table and how the model was made. Its metadata
+    (the hub's model card fields, as mergekit writes them): ``base_model``, the hub IDs among the sources unless
+    given (local folders are named in the text only); ``base_model_relation`` (``merge``; None for a conversion,
+    such as a flattened checkpoint); ``library_name``, ``pipeline_tag`` and ``tags``."""
+    from huggingface_hub import ModelCardData
+
     recipe = plan.recipe
-    lines = ["---", "library_name: transformers", "tags: [merge, dfsmerge, data-flow-space]", "---", "",
-             "# DFS merge", "",
+    base_model = list(hub_ids(recipe.sources) if base_model is None else base_model)
+    extra = {"base_model_relation": relation} if relation and base_model else {}
+    metadata = ModelCardData(base_model=base_model or None, library_name="transformers", tags=list(CARD_TAGS),
+                             pipeline_tag="text-classification" if is_classifier(plan.config) else "text-generation",
+                             **extra)
+    lines = ["---", metadata.to_yaml(), "---", "", "# DFS merge", "",
              f"Made with dfsmerge by a data-flow-space merge of {len(recipe.sources)} "
              f"models: {len(recipe.hops)} decoder layers, {_kind_of_output(plan)}", "", "## Sources", ""]
     for i, src in enumerate(recipe.sources):

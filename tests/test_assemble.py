@@ -283,3 +283,97 @@ def test_default_dtype_is_bfloat16(llama_sources):
     err = (logits(model, INPUT_IDS).float() - reference_logits(recipe(llama_sources[:1], [(0, 0), (0, 1, 0.8)]),
                                                                 INPUT_IDS)).abs().max()
     assert err < 0.1, err
+
+
+# --------------------------------------------------------------------------------------------- devices
+
+
+def test_device_errors_are_clear():
+    for bad, message in [("gpu", "expected cpu, cuda, cuda:N"), ([], "empty list"), (["cpu", "tpu:0"], "'tpu:0'"),
+                         (f"cuda:{torch.cuda.device_count()}", "is not on this machine")]:
+        with pytest.raises(RecipeError, match=f"^device: .*{message}"):
+            Sources(device=bad)
+    expected = [torch.device("cuda", i) for i in range(torch.cuda.device_count())] or [torch.device("cpu")]
+    assert Sources(device="auto").devices == expected
+
+
+def test_sources_take_the_devices_in_turn(llama_sources):
+    """A device list places the sources round robin; a candidate over them equals the reference."""
+    held = Sources(dtype="float32", device=["cpu", "cpu"])
+    rec = recipe(llama_sources[:2], [(0, 0), (1, 1, vec(1)), (0, 2, 0.9), (1, 3)], output_model=1)
+    model, _ = assemble(rec, held)
+    assert held.devices == [torch.device("cpu")] * 2
+    assert_matches(model, rec)
+
+
+def test_placement_over_two_devices(llama_sources):
+    """Source 1 on the meta device (shapes, no data) shows where each part of a candidate lives and that a hop
+    whose layer is on another device than its input moves the input there. A full forward ending on the meta
+    device is not possible: the rotary embedding comes from the output model, and nothing leaves the meta device."""
+    held = Sources(dtype="float32", device=["cpu", "meta"])
+    rec = recipe(llama_sources[:2], [(0, 0, 0.5), (0, 1, vec(1)), (1, 2, 0.9), (1, 1, mat(2), bias(2)),
+                                      (0, 3, 1.1)], input_model=0, output_model=1)
+    model, _ = assemble(rec, held)
+    cpu, meta = torch.device("cpu"), torch.device("meta")
+    assert held.model(rec.sources[0]).device == cpu and held.model(rec.sources[1]).device == meta
+    decoder = model.model
+    assert decoder.embed_tokens.weight.device == cpu
+    assert decoder.norm.weight.device == model.lm_head.weight.device == meta
+    assert [next(decoder.dfs_layers[u].parameters()).device for u, _, _ in model.config.dfs_hops] == \
+        [cpu, cpu, meta, meta, cpu]
+    # T_0 acts on the embeddings (cpu); T_{k+1} on hop k's MLP output, on hop k's layer's device
+    assert {k: t.scale.device for k, t in decoder.dfs_transforms.items()} == \
+        {"0": cpu, "1": cpu, "2": cpu, "3": meta, "4": meta}
+    hidden = torch.randn(2, 5, H)
+    cos_sin = tuple(torch.ones(2, 5, H // 4) for _ in range(2))
+    with torch.no_grad():
+        out = decoder.layers[2](hidden, attention_mask=None, position_embeddings=cos_sin)
+    assert out.device == meta and out.shape == hidden.shape
+    assert decoder.norm(hidden).device == meta  # the last hop's output goes to the head's device
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_candidate_over_cpu_and_cuda_equals_reference(llama_sources):
+    held = Sources(dtype="float32", device=["cpu", "cuda:0"])
+    rec = recipe(llama_sources[:2], [(0, 0, vec(1)), (1, 1, 0.8), (0, 2, mat(2), bias(2)), (1, 3), (0, 3)],
+                 input_model=0, output_model=1)
+    model, _ = assemble(rec, held)
+    for ids, mask in BATCHES:
+        got = logits(model, ids, mask).cpu()
+        want = reference_logits(rec, ids, mask)
+        if mask is not None:
+            got, want = got[mask.bool()], want[mask.bool()]
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    cached = _generate(model, PADDED_IDS, PADDED_MASK, use_cache=True)
+    assert torch.equal(cached, _generate(model, PADDED_IDS, PADDED_MASK, use_cache=False))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_loaded_source_equals_transformers_own_loading(llama_sources, tied_llama_source, dtype):
+    """Sources reads tensor by tensor onto a model built on the meta device: the result is what transformers'
+    ``from_pretrained`` gives, parameters and buffers (the rotary frequencies), bit for bit; a tied head stays
+    tied."""
+    held = Sources(dtype=dtype)
+    for path in (llama_sources[0], tied_llama_source):
+        got = held.model(str(path))
+        want = LlamaForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+        for (name, a), (_, b) in zip([*got.named_parameters(), *got.named_buffers()],
+                                     [*want.named_parameters(), *want.named_buffers()], strict=True):
+            assert a.dtype == b.dtype and torch.equal(a, b), name
+        assert not got.training and got.dtype == getattr(torch, dtype)
+    tied = held.model(str(tied_llama_source))
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight
+
+
+def test_missing_tensor_is_named(llama_sources, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for file in llama_sources[0].iterdir():
+        (broken / file.name).write_bytes(file.read_bytes())
+    tensors = load_file(broken / "model.safetensors")
+    del tensors["model.layers.2.mlp.up_proj.weight"]
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(RecipeError, match="tensor 'model.layers.2.mlp.up_proj.weight' is missing"):
+        Sources(dtype="float32").model(str(broken))
