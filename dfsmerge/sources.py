@@ -87,7 +87,7 @@ class Checkpoint:
     source writes its tokenizer files only if a merge asks for them."""
 
     def __init__(self, source: Source, folder: Path | Callable[[], Path | None] | None, config: dict,
-                 tensors: dict[str, Callable[[], torch.Tensor]], note: str = "", keep: object = None,
+                 tensors: dict[str, Callable[[], torch.Tensor]], note: str = "",
                  stored: dict[str, StoredBytes] | None = None):
         self.source = source
         self._folder = folder
@@ -95,7 +95,6 @@ class Checkpoint:
         self._getters = tensors
         self._stored = stored or {}
         self.note = note  # e.g. "dequantized from GGUF Q4_1", for logs and model cards
-        self._keep = keep  # what must live as long as this checkpoint (a GGUF source's temporary folder)
 
     @property
     def folder(self) -> Path | None:
@@ -198,12 +197,12 @@ def _weight_files(folder: Path) -> tuple[str, list[Path]]:
 def open_checkpoint(source: Source, config: dict, cache_dir: str | None = None,
                     dtype: torch.dtype = torch.float32) -> Checkpoint:
     """Open a source for reading; hub sources are downloaded (weights, config, tokenizer files only).
-    ``dtype`` only matters for GGUF sources, which are dequantized into memory."""
+    ``dtype`` only matters for quantized GGUF tensors: the type they are dequantized into."""
     if _is_gguf(source):
         from .gguf import open_gguf
 
-        folder, getters, note = open_gguf(source, dtype)
-        return Checkpoint(source, Path(folder.name), config, getters, note, keep=folder)
+        parts = open_gguf(source, dtype)
+        return Checkpoint(source, parts.tokenizer, config, parts.tensors, parts.note)
     path = Path(source.path)
     if path.exists():
         folder = path

@@ -163,7 +163,7 @@ def _write_chunks(f, chunks: Iterator[torch.Tensor], dtype: torch.dtype) -> int:
 
 
 _PIECE_ELEMENTS = 1 << 24  # converted pieces of 64 MB of float32
-_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM, errno.EBADF}
+_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP}  # as shutil falls back on
 
 
 def copy_bytes(stored: StoredBytes, f) -> None:
