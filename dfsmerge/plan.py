@@ -100,7 +100,7 @@ class TensorTask:
                     yield source[r:r + rows].to(device) * scale
                     continue
                 factor = scale if isinstance(scale, float) else scale[r:r + rows, None].to(device)
-                yield source[r:r + rows].to(device, torch.float32) * factor
+                yield source[r:r + rows].to(device, torch.float32, copy=True).mul_(factor)  # one buffer, not two
 
 
 @dataclass
