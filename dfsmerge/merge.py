@@ -68,7 +68,7 @@ def merge(
     log.info("merging %d hops from %d sources into %s", len(plan.recipe.hops), len(plan.recipe.sources), target)
     with atomic_folder(target, force) as tmp:
         write_tensors(tmp, plan.tasks, lambda m, name: checkpoints[m].get(name), dtype, max_shard_size, device,
-                      progress=not quiet)
+                      progress=not quiet, locate=lambda m, name: checkpoints[m].stored(name))
         write_metadata(tmp, plan, checkpoints, command or _command_line())
         if format == "compact":
             write_modeling_file(tmp)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -15,7 +16,7 @@ import torch
 
 from .recipe import RecipeError, Source
 
-__all__ = ["Checkpoint", "read_config", "open_checkpoint", "TOKENIZER_FILES"]
+__all__ = ["Checkpoint", "StoredBytes", "read_config", "open_checkpoint", "TOKENIZER_FILES"]
 
 log = logging.getLogger("dfsmerge")
 
@@ -64,18 +65,42 @@ def read_config(source: Source, cache_dir: str | None = None) -> dict:
         raise RecipeError(f"{source}: cannot read config.json: {exc}") from None
 
 
+@dataclass(frozen=True)
+class StoredBytes:
+    """Where a tensor lies in a file exactly as :meth:`Checkpoint.get` returns it: ``nbytes`` bytes from byte
+    ``offset`` of ``path`` (row-major, little-endian, ``dtype``, ``shape``). The writer copies such a range file
+    to file when the output wants the tensor unchanged."""
+
+    path: Path
+    offset: int
+    nbytes: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
 class Checkpoint:
     """Lazy, read-only access to the tensors of one source. Safetensors tensors are zero-copy views of the
-    memory-mapped files; ``.bin`` files are read with ``torch.load(weights_only=True, mmap=True)``."""
+    memory-mapped files (and :meth:`stored` says where their bytes lie); ``.bin`` files are read with
+    ``torch.load(weights_only=True, mmap=True)``; GGUF tensors come from ``gguf.py``, one at a time.
 
-    def __init__(self, source: Source, folder: Path | None, config: dict,
-                 tensors: dict[str, Callable[[], torch.Tensor]], note: str = "", keep: object = None):
+    ``folder`` (where tokenizer files live) may be given as a function, called once when first needed: a GGUF
+    source writes its tokenizer files only if a merge asks for them."""
+
+    def __init__(self, source: Source, folder: Path | Callable[[], Path | None] | None, config: dict,
+                 tensors: dict[str, Callable[[], torch.Tensor]], note: str = "",
+                 stored: dict[str, StoredBytes] | None = None):
         self.source = source
-        self.folder = folder  # where tokenizer files live, if any
+        self._folder = folder
         self.config = config
         self._getters = tensors
+        self._stored = stored or {}
         self.note = note  # e.g. "dequantized from GGUF Q4_1", for logs and model cards
-        self._keep = keep  # what must live as long as this checkpoint (a GGUF source's temporary folder)
+
+    @property
+    def folder(self) -> Path | None:
+        if callable(self._folder):
+            self._folder = self._folder()
+        return self._folder
 
     def __contains__(self, name: str) -> bool:
         return name in self._getters
@@ -89,16 +114,25 @@ class Checkpoint:
             raise RecipeError(f"{self.source}: tensor {name!r} is missing from the checkpoint")
         return self._getters[name]()
 
+    def stored(self, name: str) -> StoredBytes | None:
+        """Where tensor ``name`` lies in a file as :meth:`get` returns it; None when it is not stored as is."""
+        return self._stored.get(name)
+
     def tokenizer_files(self) -> list[Path]:
         if self.folder is None:
             return []
         return [self.folder / f for f in TOKENIZER_FILES if (self.folder / f).is_file()]
 
 
-def _safetensors_getters(files: list[Path]) -> dict[str, Callable[[], torch.Tensor]]:
+_SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
+
+
+def _safetensors_getters(files: list[Path]) -> tuple[dict[str, Callable[[], torch.Tensor]], dict[str, StoredBytes]]:
+    """Getters of zero-copy views, and where each tensor's bytes lie (from each file's header)."""
     from safetensors import safe_open
 
     getters: dict[str, Callable[[], torch.Tensor]] = {}
+    stored: dict[str, StoredBytes] = {}
     for file in files:
         try:
             handle = safe_open(str(file), framework="pt")
@@ -107,7 +141,24 @@ def _safetensors_getters(files: list[Path]) -> dict[str, Callable[[], torch.Tens
             raise RecipeError(f"{file}: cannot open safetensors file: {exc}") from None
         for name in names:
             getters[name] = (lambda h=handle, n=name, f=file: _read(h, n, f))
-    return getters
+        stored.update(_safetensors_layout(file))
+    return getters, stored
+
+
+def _safetensors_layout(file: Path) -> dict[str, StoredBytes]:
+    """Byte ranges of a safetensors file's tensors. The format (huggingface/safetensors): an 8-byte little-endian
+    header length N, N bytes of JSON ``{name: {dtype, shape, data_offsets: [begin, end]}}``, then the data, with
+    offsets counted from byte 8 + N. Called after ``safe_open`` has checked the file."""
+    with open(file, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(length))
+    ranges = {}
+    for name, info in header.items():
+        dtype = _SAFETENSORS_DTYPES.get(info["dtype"]) if name != "__metadata__" else None
+        if dtype is not None:
+            begin, end = info["data_offsets"]
+            ranges[name] = StoredBytes(file, 8 + length + begin, end - begin, dtype, tuple(info["shape"]))
+    return ranges
 
 
 def _read(handle, name: str, file: Path) -> torch.Tensor:
@@ -146,12 +197,12 @@ def _weight_files(folder: Path) -> tuple[str, list[Path]]:
 def open_checkpoint(source: Source, config: dict, cache_dir: str | None = None,
                     dtype: torch.dtype = torch.float32) -> Checkpoint:
     """Open a source for reading; hub sources are downloaded (weights, config, tokenizer files only).
-    ``dtype`` only matters for GGUF sources, which are dequantized into memory."""
+    ``dtype`` only matters for quantized GGUF tensors: the type they are dequantized into."""
     if _is_gguf(source):
         from .gguf import open_gguf
 
-        folder, getters, note = open_gguf(source, dtype)
-        return Checkpoint(source, Path(folder.name), config, getters, note, keep=folder)
+        parts = open_gguf(source, dtype)
+        return Checkpoint(source, parts.tokenizer, config, parts.tensors, parts.note)
     path = Path(source.path)
     if path.exists():
         folder = path
@@ -163,5 +214,7 @@ def open_checkpoint(source: Source, config: dict, cache_dir: str | None = None,
     missing = [f for f in files if not f.is_file()]
     if missing:
         raise RecipeError(f"{source}: weight files listed in the index are missing: {[m.name for m in missing]}")
-    getters = _safetensors_getters(files) if kind == "safetensors" else _bin_getters(files)
-    return Checkpoint(source, folder, config, getters)
+    if kind == "safetensors":
+        getters, stored = _safetensors_getters(files)
+        return Checkpoint(source, folder, config, getters, stored=stored)
+    return Checkpoint(source, folder, config, _bin_getters(files))

@@ -2,13 +2,16 @@
 the files beside them (config, tokenizer, recipe, model card, the compact format's modeling file).
 
 Every shape is known from the plan before the first byte is written, so each shard's safetensors header is
-written first and the tensors' bytes are streamed after it: at most one tensor (or one row chunk of a folded
-tensor) is in memory at a time, and copied tensors go from the mmapped source straight to the file.
+written first and the tensors' bytes are streamed after it. A tensor the output takes unchanged (no fold, same
+dtype) whose bytes lie in a source file goes file to file in the kernel (``os.copy_file_range``, which reflinks
+where the filesystem can) without passing through Python; every other tensor is computed and written in row
+chunks of at most about 64 MB, so memory does not grow with the model.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -22,7 +25,7 @@ import torch
 
 from .plan import DTYPES, Plan, TensorTask, is_classifier
 from .recipe import RecipeError, Source, dump_native
-from .sources import Checkpoint
+from .sources import Checkpoint, StoredBytes
 
 __all__ = ["parse_size", "atomic_folder", "write_tensors", "check_target", "write_metadata", "model_card",
            "write_modeling_file", "portable_tokenizer_config", "TOKENIZER_CLASSES_BOTH_READ", "hub_ids",
@@ -110,8 +113,14 @@ def write_tensors(
     max_shard_size: str | int = "5GB",
     device: str = "cpu",
     progress: bool = True,
+    locate: Callable[[int, str], StoredBytes | None] | None = None,
 ) -> list[Path]:
-    """Stream every task's tensor into safetensors shards in ``folder``; writes the index when sharded."""
+    """Stream every task's tensor into safetensors shards in ``folder``; writes the index when sharded.
+
+    ``get(model, name)`` returns a source tensor; ``locate(model, name)``, when given, says where its bytes lie
+    in a file as stored, so that a task that copies it unchanged into an output of the same dtype copies bytes.
+    Raises RecipeError when a source tensor's shape is not the planned one.
+    """
     from tqdm.auto import tqdm
 
     out_dtype = DTYPES[dtype]
@@ -124,14 +133,15 @@ def write_tensors(
     weight_map = {}
     with bar:
         for name, shard in zip(names, shards):
-            with open(folder / name, "wb") as f:
-                f.write(_header(shard, out_dtype))
+            with open(folder / name, "wb", buffering=0) as f:
+                _write_all(f, _header(shard, out_dtype))
                 for task in shard:
-                    written = 0
-                    for chunk in task.chunks(get, device):
-                        data = chunk.to(out_dtype).contiguous().reshape(-1).view(torch.uint8)
-                        f.write(memoryview(data.cpu().numpy()))
-                        written += data.numel()
+                    stored = locate(task.model, task.src_name) if locate and task.copies else None
+                    if stored is not None and stored.dtype == out_dtype and stored.shape == task.shape:
+                        copy_bytes(stored, f)
+                        written = stored.nbytes
+                    else:
+                        written = _write_chunks(f, task.chunks(get, device, out_dtype), out_dtype)
                     if written != task.numel * out_dtype.itemsize:
                         raise RecipeError(f"{task.name}: wrote {written} bytes, expected "
                                           f"{task.numel * out_dtype.itemsize}")
@@ -141,6 +151,59 @@ def write_tensors(
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     return [folder / n for n in names]
+
+
+def _write_chunks(f, chunks: Iterator[torch.Tensor], dtype: torch.dtype) -> int:
+    """Write computed (or converted) chunks as ``dtype``. A large chunk (a whole copied tensor) is converted a
+    piece at a time, so at most about 64 MB of it is in memory. Returns the bytes written."""
+    written = 0
+    for chunk in chunks:
+        for piece in chunk.reshape(-1).split(_PIECE_ELEMENTS):
+            data = piece.to(dtype).view(torch.uint8)
+            written += _write_all(f, memoryview(data.cpu().numpy()))
+    return written
+
+
+_PIECE_ELEMENTS = 1 << 24  # converted pieces of 64 MB of float32
+_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP}  # as shutil falls back on
+
+
+def copy_bytes(stored: StoredBytes, f) -> None:
+    """Append ``stored``'s byte range to the open unbuffered file ``f``: the one place a copied tensor's bytes
+    pass. ``os.copy_file_range`` copies in the kernel (a reflink on filesystems that share extents); where it is
+    missing or refused (EXDEV, ENOSYS, EINVAL, ...) the range is copied by reads and writes of 16 MiB.
+    Raises RecipeError when the source file ends early."""
+    done = 0
+    with open(stored.path, "rb", buffering=0) as src:
+        try:
+            while done < stored.nbytes:
+                n = os.copy_file_range(src.fileno(), f.fileno(), stored.nbytes - done, stored.offset + done)
+                if n == 0:
+                    break  # end of the source file, or a filesystem that copies nothing: read it below
+                done += n
+        except (AttributeError, OSError) as exc:  # AttributeError: no copy_file_range on this platform
+            if isinstance(exc, OSError) and exc.errno not in _NO_KERNEL_COPY:
+                raise
+        src.seek(stored.offset + done)
+        while done < stored.nbytes:
+            block = src.read(min(1 << 24, stored.nbytes - done))
+            if not block:
+                raise RecipeError(f"{stored.path}: file ends at byte {stored.offset + done}, a tensor's data "
+                                  f"runs to byte {stored.offset + stored.nbytes}")
+            done += _write_all(f, block)
+
+
+def _write_all(f, data: bytes | memoryview) -> int:
+    """``f.write`` until all of ``data`` is written (a raw file may write less than asked)."""
+    view = memoryview(data).cast("B")
+    done = 0
+    while done < len(view):
+        done += f.write(view[done:])
+    return done
+
+
+def write_metadata(folder: Path, plan: Plan, checkpoints: Sequence[Checkpoint | None], command: str) -> None:
+    """config.json, the input model's tokenizer and generation files, the recipe and a model card."""
 
 
 def write_metadata(folder: Path, plan: Plan, checkpoints: Sequence[Checkpoint | None], command: str,
