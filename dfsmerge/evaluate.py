@@ -22,6 +22,7 @@ Several evaluators make one objective (:class:`Objective`): the weighted sum of 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import math
@@ -226,10 +227,16 @@ class Evaluator:
         finally:
             model.train(was_training)
 
-    def __call__(self, model: torch.nn.Module, tokenizer: Any) -> float:
+    def __call__(self, model: torch.nn.Module, tokenizer: Any,
+                 on_chunk: Callable[[list[int], torch.Tensor], None] | None = None) -> float:
+        """The score. ``on_chunk(example indices, their scores)`` runs after each chunk: a search reports them to
+        its pruner there, and stops the scoring by raising (the rest is never scored)."""
         scores = torch.full((len(self),), math.nan, dtype=torch.float64)
-        for index, values in self.chunks(model, tokenizer):
-            scores[index] = values
+        with contextlib.closing(self.chunks(model, tokenizer)) as chunks:
+            for index, values in chunks:
+                scores[index] = values
+                if on_chunk is not None:
+                    on_chunk(index, values)
         return self.aggregate(scores)
 
 

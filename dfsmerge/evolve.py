@@ -13,6 +13,12 @@ sources once, assembles every candidate in memory and evaluates it. A worker tha
 Optuna's heartbeat marks it failed after ``heartbeat`` seconds and it is re-enqueued once, so no finished trial
 is lost or repeated.
 
+The objective is the weighted sum of one or more evaluators' scores (``evaluate.Objective``). Every candidate is
+scored chunk by chunk; each example's score is reported to Optuna's ``WilcoxonPruner`` (step: the example's index,
+value: its score times its evaluator's weight), and a candidate that is clearly worse than the best so far on the
+examples scored (one-sided Wilcoxon signed-rank test, ``p < prune``) is stopped there: a *pruned* trial, which
+counts in the budget, is never the best and leaves CMA-ES's generation to the completed trials.
+
 Outputs in the run folder, rewritten as the search goes: ``best_recipe.yml`` (legacy format, for
 ``dfsmerge merge``), ``best_recipe_native.yml``, ``trials.csv``, ``progress.png`` and ``best_recipe.png``.
 """
@@ -35,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from .evaluate import make_evaluators
+from .evaluate import make_objective, speed_defaults
 from .recipe import (Recipe, RecipeError, Source, load_yaml, parse_source, dump_legacy, dump_native,
                      recipe_from_legacy)
 
@@ -43,10 +49,10 @@ __all__ = ["SearchConfig", "SearchSpace", "load_search", "parse_search", "evolve
 
 log = logging.getLogger("dfsmerge")
 
-_TOP_KEYS = ("models", "num_r", "input_layer_model", "output_layer_model", "search", "evaluator", "dtype",
-             "device", "cache_dir")
+_TOP_KEYS = ("models", "num_r", "input_layer_model", "output_layer_model", "search", "evaluator", "evaluators",
+             "dtype", "device", "cache_dir")
 _SEARCH_KEYS = ("population", "generations", "seed", "sigma0", "scales", "keep_ends", "init", "max_hops",
-                "heartbeat")
+                "heartbeat", "prune")
 _PLOT_EVERY_S = 30.0
 
 
@@ -59,7 +65,7 @@ class SearchConfig:
     configs by :func:`load_search`."""
 
     sources: list[Source]
-    evaluator: dict
+    evaluator: dict | list  # one evaluator's mapping, or a list of them with weights (`evaluators:`)
     num_r: int = 3
     input_model: int = 0
     output_model: int = 0
@@ -72,7 +78,8 @@ class SearchConfig:
     init: str = "own_order"
     max_hops: int | None = None
     heartbeat: int = 30  # seconds of silence after which a worker's running trial counts as lost
-    dtype: str = "bfloat16"
+    prune: float | None = 0.1  # p-value threshold of the Wilcoxon pruner; None: every candidate scored in full
+    dtype: str = "float32"  # parse_search: by the device (evaluate.speed_defaults)
     device: str = "cpu"
     cache_dir: str | None = None
     base: Path = field(default=Path("."), repr=False)  # the search file's folder: data paths are relative to it
@@ -101,9 +108,10 @@ def parse_search(doc: dict, base: Path = Path(".")) -> SearchConfig:
     unknown = sorted(set(doc) - set(_TOP_KEYS))
     if unknown:
         raise RecipeError(f"search file: unknown keys {unknown}; expected some of {list(_TOP_KEYS)}")
-    for key in ("models", "evaluator"):
-        if key not in doc:
-            raise RecipeError(f"{key}: missing (see `dfsmerge evolve --help` for an example)")
+    if "models" not in doc:
+        raise RecipeError("models: missing (see `dfsmerge evolve --help` for an example)")
+    if ("evaluator" in doc) == ("evaluators" in doc):
+        raise RecipeError("evaluator: expected either `evaluator:` (one) or `evaluators:` (a list with weights)")
     if not isinstance(doc["models"], list) or not doc["models"]:
         raise RecipeError(f"models: expected a list of paths or hub IDs, got {doc['models']!r}")
     sources = [parse_source(m, f"models[{i}]") for i, m in enumerate(doc["models"])]
@@ -113,7 +121,7 @@ def parse_search(doc: dict, base: Path = Path(".")) -> SearchConfig:
     unknown = sorted(set(search) - set(_SEARCH_KEYS))
     if unknown:
         raise RecipeError(f"search: unknown keys {unknown}; expected some of {list(_SEARCH_KEYS)}")
-    config = SearchConfig(sources=sources, evaluator=doc["evaluator"], base=base)
+    config = SearchConfig(sources=sources, evaluator=doc.get("evaluator", doc.get("evaluators")), base=base)
     config.num_r = _integer(doc.get("num_r", config.num_r), "num_r", 1)
     for key, attr in (("input_layer_model", "input_model"), ("output_layer_model", "output_model")):
         value = doc.get(key, 0)
@@ -141,6 +149,13 @@ def parse_search(doc: dict, base: Path = Path(".")) -> SearchConfig:
         config.scales = (float(scales[0]), float(scales[1]))
     else:
         raise RecipeError(f"search.scales: expected [low, high] with 0 <= low < high, or false, got {scales!r}")
+    prune = search.get("prune", True)
+    if prune is True or prune is False:
+        config.prune = config.prune if prune else None
+    elif isinstance(prune, float) and 0 < prune < 1:
+        config.prune = prune
+    else:
+        raise RecipeError(f"search.prune: expected true, false or a p-value threshold in (0, 1), got {prune!r}")
     config.keep_ends = _flag(search.get("keep_ends", config.keep_ends), "search.keep_ends")
     config.init = search.get("init", config.init)
     if config.init not in ("own_order", "center"):
@@ -150,9 +165,10 @@ def parse_search(doc: dict, base: Path = Path(".")) -> SearchConfig:
             if not isinstance(doc[key], str):
                 raise RecipeError(f"{key}: expected a string, got {doc[key]!r}")
             setattr(config, key, doc[key])
+    config.dtype = doc.get("dtype", speed_defaults(config.device)["dtype"])
     if config.dtype not in ("bfloat16", "float16", "float32"):
         raise RecipeError(f"dtype: expected bfloat16, float16 or float32, got {config.dtype!r}")
-    make_evaluators(config.evaluator, base)  # fail now on a bad evaluator or data file, not in every trial
+    make_objective(config.evaluator, base, config.device)  # fail now on a bad evaluator or data, not per trial
     return config
 
 
@@ -273,11 +289,11 @@ def summary(recipe: Recipe) -> str:
 
 
 def done_trials(trials: Iterable[Any]) -> list[Any]:
-    """Finished trials in order of completion: completed ones and those that failed in evaluation (a trial
-    failed because its worker died is not finished; it is retried)."""
+    """Finished trials in order of completion: completed, pruned, and failed in evaluation (a trial failed
+    because its worker died is not finished; it is retried)."""
     from optuna.trial import TrialState
 
-    done = [t for t in trials if t.state == TrialState.COMPLETE
+    done = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
             or (t.state == TrialState.FAIL and "error" in t.user_attrs)]
     return sorted(done, key=lambda t: (t.datetime_complete, t.number))
 
@@ -344,8 +360,12 @@ def open_study(config: SearchConfig, space: SearchSpace, storage: str, study_nam
         sampler = optuna.samplers.CmaEsSampler(x0=space.x0(), sigma0=config.sigma0, seed=config.seed,
                                                popsize=config.population,
                                                independent_sampler=_trial_seeded_random(config.seed))
+    with warnings.catch_warnings():  # the Wilcoxon pruner is marked experimental since Optuna 3.6
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        pruner = optuna.pruners.WilcoxonPruner(p_threshold=config.prune) if config.prune else \
+            optuna.pruners.NopPruner()
     study = optuna.create_study(storage=rdb, study_name=study_name, direction="maximize", sampler=sampler,
-                                load_if_exists=True)
+                                pruner=pruner, load_if_exists=True)
     signature = space.signature()
     stored = study.user_attrs.get("dfsmerge_search")
     if stored is None:
@@ -355,6 +375,14 @@ def open_study(config: SearchConfig, space: SearchSpace, storage: str, study_nam
         raise RecipeError(f"study {study_name!r} in {storage} was made by a different search ({', '.join(diff)} "
                           "differ); use another --out or --study")
     return study
+
+
+def score_of(trial: Any) -> float | None:
+    """A finished trial's objective, or None: failed, or pruned (Optuna gives a pruned trial the value of its last
+    report, one example's score, which is no score of the candidate)."""
+    from optuna.trial import TrialState
+
+    return trial.value if trial.state == TrialState.COMPLETE else None
 
 
 def best_trial(trials: list[Any]) -> Any | None:
@@ -378,21 +406,29 @@ def _write(path: Path, text: str | bytes) -> None:
     os.replace(tmp, path)
 
 
-def write_trials_csv(path: Path, done: list[Any], population: int, space: SearchSpace) -> None:
-    """``trials.csv``: trial, generation, state, score, validation, hops, recipe, worker, error."""
+def write_trials_csv(path: Path, done: list[Any], population: int, space: SearchSpace,
+                     evaluators: list[str] = ()) -> None:
+    """``trials.csv``: trial, generation, state (complete, pruned, fail), score (the objective), one column per
+    evaluator when there are several (its score), validation, hops, recipe, worker, error, examples (how many
+    were scored: fewer for a pruned trial)."""
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow(["trial", "generation", "state", "score", "validation", "hops", "recipe", "worker", "error"])
+    names = list(evaluators) if len(evaluators) > 1 else []
+    writer.writerow(["trial", "generation", "state", "score", *names, "validation", "hops", "recipe", "worker",
+                     "error", "examples"])
     for i, t in enumerate(done):
         try:
             recipe = space.recipe(*space.decode(t.params))
             hops, text = len(recipe.hops), summary(recipe)
         except RecipeError:  # a candidate without any hop
             hops, text = 0, ""
+        scores = t.user_attrs.get("scores", {})
         writer.writerow([t.number, i // population, t.state.name.lower(),
-                         "" if t.value is None else f"{t.value:.6g}",
+                         "" if score_of(t) is None else f"{t.value:.6g}",
+                         *(f"{scores[n]:.6g}" if n in scores else "" for n in names),
                          f"{t.user_attrs['validation']:.6g}" if "validation" in t.user_attrs else "",
-                         hops, text, t.user_attrs.get("worker", ""), t.user_attrs.get("error", "")])
+                         hops, text, t.user_attrs.get("worker", ""), t.user_attrs.get("error", ""),
+                         t.user_attrs.get("examples", "")])
     _write(path, out.getvalue())
 
 
@@ -400,7 +436,7 @@ def generation_stats(done: list[Any], population: int) -> list[tuple[int, float,
     """(generation, best score so far, median score of the generation) for every full generation."""
     rows, best = [], -math.inf
     for g in range(len(done) // population):
-        values = [t.value for t in done[g * population:(g + 1) * population] if t.value is not None]
+        values = [t.value for t in done[g * population:(g + 1) * population] if score_of(t) is not None]
         if values:
             best = max(best, max(values))
             rows.append((g, best, statistics.median(values)))
@@ -481,7 +517,7 @@ class _Worker:
         from .assemble import Sources
 
         self.config, self.space, self.study, self.out, self.quiet = config, space, study, out, quiet
-        self.search_eval, self.held_out = make_evaluators(config.evaluator, config.base)
+        self.evaluators = make_objective(config.evaluator, config.base, config.device)
         self.sources = Sources(config.sources, dtype=config.dtype, device=config.device, cache_dir=config.cache_dir)
         self.timing = Timing()
         self.failures: list[str] = []  # this worker's errors while it has had no success
@@ -495,6 +531,8 @@ class _Worker:
         self.bar = None if quiet else _bar(config.trials, self.start_done)
 
     def objective(self, trial: Any) -> float:
+        import optuna
+
         from .assemble import assemble
 
         mask, scales = self.space.decode(self.space.suggest(trial))
@@ -504,11 +542,16 @@ class _Worker:
             recipe = self.space.recipe(mask, scales)
             model, tokenizer = assemble(recipe, sources=self.sources, dtype=self.config.dtype,
                                         device=self.config.device, cache_dir=self.config.cache_dir)
-            score = self.search_eval(model, tokenizer)
+            scores = self.score(trial, model, tokenizer)
+            score = self.evaluators.value(scores)
             if not math.isfinite(score):
                 raise FloatingPointError(f"the score is {score}")
-            if self.held_out is not None and score > self._best_value():
-                trial.set_user_attr("validation", self.held_out(model, tokenizer))
+            parts = self.evaluators.parts
+            if any(p.held_out is not None for p in parts) and score > self._best_value():
+                held_out = [s if p.held_out is None else p.held_out(model, tokenizer) for p, s in zip(parts, scores)]
+                trial.set_user_attr("validation", self.evaluators.value(held_out))
+        except optuna.TrialPruned:
+            raise
         except Exception as exc:  # a failing candidate is recorded as failed, never fatal to the search
             message = f"{type(exc).__name__}: {exc}"[:500]
             trial.set_user_attr("error", message)
@@ -523,6 +566,32 @@ class _Worker:
             self.timing.trials += 1
         self.succeeded = True
         return score
+
+    def score(self, trial: Any, model: Any, tokenizer: Any) -> list[float]:
+        """Each evaluator's score. With a pruner, every example's score times its evaluator's weight is reported
+        (step: the example's index, counted across evaluators) and, after each chunk but the last, a trial the
+        pruner finds clearly worse than the best is stopped (``optuna.TrialPruned``)."""
+        import optuna
+
+        total, scored, scores = sum(len(p.search) for p in self.evaluators.parts), 0, []
+        for part in self.evaluators.parts:
+            offset = scored
+
+            def report(index: list[int], values: Any, weight: float = part.weight, offset: int = offset) -> None:
+                nonlocal scored
+                scored += len(index)
+                if self.config.prune is None:
+                    return
+                for i, value in zip(index, values.tolist()):
+                    trial.report(weight * value, offset + i)
+                if scored < total and trial.should_prune():
+                    trial.set_user_attr("examples", scored)
+                    raise optuna.TrialPruned(f"pruned after {scored} of {total} examples")
+
+            scores.append(part.search(model, tokenizer, on_chunk=report))
+        trial.set_user_attr("examples", scored)
+        trial.set_user_attr("scores", dict(zip(self.evaluators.names, scores)))
+        return scores
 
     def _best_value(self) -> float:
         from optuna.trial import TrialState
@@ -547,15 +616,15 @@ class _Worker:
         if self.quiet:
             return
         population = self.config.population
-        values = [t.value for t in done[g * population:(g + 1) * population] if t.value is not None]
-        best = max((t.value for t in done[:(g + 1) * population] if t.value is not None), default=math.nan)
+        values = [t.value for t in done[g * population:(g + 1) * population] if score_of(t) is not None]
+        best = max((t.value for t in done[:(g + 1) * population] if score_of(t) is not None), default=math.nan)
         elapsed = time.perf_counter() - self.start
         rate = (len(done) - self.start_done) / elapsed if elapsed > 0 else 0.0
         eta = (self.config.trials - len(done)) / rate if rate > 0 else math.inf
-        failed = population - len(values)
+        states = [t.state.name.lower() for t in done[g * population:(g + 1) * population]]
         line = (f"generation {g + 1}/{self.config.generations}: best {best:.5g}  median "
                 f"{statistics.median(values) if values else math.nan:.5g}  {rate:.2f} trials/s  ETA {_duration(eta)}"
-                + (f"  ({failed} failed)" if failed else ""))
+                + "".join(f"  ({states.count(s)} {s})" for s in ("pruned", "fail") if s in states))
         _print(line, self.bar)
 
     def write_best(self, trials: list[Any]) -> None:
@@ -568,7 +637,7 @@ class _Worker:
         self.best_number = best.number
 
     def write_outputs(self, done: list[Any], trials: list[Any], plots: bool = True) -> None:
-        write_trials_csv(self.out / "trials.csv", done, self.config.population, self.space)
+        write_trials_csv(self.out / "trials.csv", done, self.config.population, self.space, self.evaluators.names)
         if plots:
             write_plots(self.out, done, self.config.population, self.space, best_trial(trials))
             self.last_plot = time.perf_counter()
