@@ -66,20 +66,38 @@ SEARCH_EXAMPLE = """example search.yml:
   num_r: 3                  # repetitions of the layer sequence
   input_layer_model: 0
   output_layer_model: 0
-  dtype: bfloat16           # of the candidates during the search (float32 is faster on most CPUs)
+  device: cpu               # or cuda
+  dtype: float32            # of the candidates; default: float32 on a CPU, bfloat16 on a GPU
   search:
     population: 16          # CMA-ES population per generation
-    generations: 25
+    generations: 25         # the budget: population x generations trials (pruned ones count)
     seed: 0
     scales: [0.5, 1.5]      # per-slot scale range; false keeps all scales at 1
     keep_ends: true         # input model's first layer starts the path, output model's last layer ends it
     init: own_order         # CMA-ES starts at the input model's own layer order (or: center)
     max_hops: 64            # optional bound on the path length
     sigma0: 0.17            # optional initial step, as a fraction of each parameter's range
+    prune: true             # stop a candidate clearly worse than the best so far: Optuna's WilcoxonPruner on
+                            # the per-example scores, p < 0.1 (a number in (0, 1) sets p; false: score all)
   evaluator:
-    type: loglik            # or choice, generate, or `python: module:function`
+    type: loglik            # or choice, generate, lm_eval, or `python: module:function`
     data: data.jsonl
     validation: 0.2         # held-out share that chooses the reported best
+    batch_size: 8           # rows per forward pass; default: 8 on a CPU, 32 on a GPU
+    max_length: 1024        # tokens per example (longer ones are cut); default 1024
+    chunk_size: 32          # examples scored between two pruning checks; default: 4 x batch_size
+
+  # lm-evaluation-harness tasks (pip install 'dfsmerge[lm_eval]'), scored on the in-memory candidate:
+  # evaluator: {type: lm_eval, tasks: [arc_easy], num_fewshot: 0, limit: 200, metric: acc_norm}
+  #   include_path: my_tasks/ adds a folder of your own task YAML files; metric: a per-document metric,
+  #   `name,filter` as lm-eval prints it (exact_match,strict-match); max_length default: lm-eval's rule.
+
+  # several evaluators, one objective: the weighted sum of their scores, each as its evaluator reports it
+  # (higher is better; no rescaling, so mind the scales when mixing kinds), weights normalised to sum to 1;
+  # each score is a column of trials.csv, named by `name` (default: the data file's stem, the tasks)
+  # evaluators:
+  #   - {type: loglik, data: wiki.jsonl, weight: 1}
+  #   - {type: lm_eval, tasks: [mine], include_path: my_tasks/, metric: acc, weight: 2}
 """
 
 

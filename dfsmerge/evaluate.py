@@ -166,8 +166,8 @@ class Chunk:
 
 class Evaluator:
     """Scores ``(model, tokenizer)`` on fixed examples; higher is better. Subclasses turn examples into chunks of
-    padded batches (:meth:`prepare`, run once per tokenizer), a chunk into per-example scores
-    (:meth:`score_chunk`) and all per-example scores into the score (:meth:`aggregate`, default: the mean)."""
+    padded batches (:meth:`prepare`, run once per tokenizer) and a chunk into per-example scores
+    (:meth:`score_chunk`); the score is the mean of the examples' :meth:`contributions`."""
 
     metric = "score"
 
@@ -199,9 +199,14 @@ class Evaluator:
         """The scores of ``chunk.examples``, in that order: float64, shape ``(len(chunk.examples),)``."""
         raise NotImplementedError
 
+    def contributions(self, index: list[int], scores: torch.Tensor) -> torch.Tensor:
+        """The examples' shares of the score, scaled so that the score is the mean of all of them: each score
+        times its example's weight (1 here; ``loglik`` weighs a text by its token count over the mean count)."""
+        return scores
+
     def aggregate(self, scores: torch.Tensor) -> float:
         """The score from all per-example scores (float64, indexed like ``examples``)."""
-        return float(scores.mean())
+        return float(self.contributions(list(range(len(self))), scores).mean())
 
     def _batched(self, rows: list[list[int]], index: list[int], pad_id: int, left: bool = False) -> list[Batch]:
         """Sort rows by length (less padding), cut into batches, pad; ``index`` travels with each row."""
@@ -242,13 +247,15 @@ class Evaluator:
 
 class Loglik(Evaluator):
     """Mean log-likelihood per predicted token over all ``{"text"}`` lines (each truncated to ``max_length``).
-    An example's score is its own mean per token; the score weights them by their token counts."""
+    An example's score is its own mean per token; the score weighs them by their token counts."""
 
     metric = "loglik"
 
     def prepare(self, tokenizer: Any) -> list[Chunk]:
         rows = [ids[:self.max_length] for ids in tokenizer([e["text"] for e in self.examples])["input_ids"]]
-        self._tokens = torch.tensor([max(len(row) - 1, 0) for row in rows], dtype=torch.float64)
+        tokens = torch.tensor([max(len(row) - 1, 0) for row in rows], dtype=torch.float64)
+        self._tokens = tokens
+        self._weights = tokens / tokens.mean() if tokens.sum() > 0 else torch.ones_like(tokens)
         return [Chunk(part, self._batched([rows[i] for i in part], part, _pad_id(tokenizer))) for part in self.parts()]
 
     def score_chunk(self, model: torch.nn.Module, tokenizer: Any, chunk: Chunk) -> torch.Tensor:
@@ -260,8 +267,8 @@ class Loglik(Evaluator):
         index = torch.tensor(chunk.examples)
         return torch.stack([sums[i] for i in chunk.examples]) / self._tokens[index].clamp(min=1)
 
-    def aggregate(self, scores: torch.Tensor) -> float:
-        return float((scores * self._tokens).sum() / self._tokens.sum().clamp(min=1))
+    def contributions(self, index: list[int], scores: torch.Tensor) -> torch.Tensor:
+        return scores * self._weights[index]
 
 
 class Choice(Evaluator):

@@ -14,10 +14,13 @@ Optuna's heartbeat marks it failed after ``heartbeat`` seconds and it is re-enqu
 is lost or repeated.
 
 The objective is the weighted sum of one or more evaluators' scores (``evaluate.Objective``). Every candidate is
-scored chunk by chunk; each example's score is reported to Optuna's ``WilcoxonPruner`` (step: the example's index,
-value: its score times its evaluator's weight), and a candidate that is clearly worse than the best so far on the
-examples scored (one-sided Wilcoxon signed-rank test, ``p < prune``) is stopped there: a *pruned* trial, which
-counts in the budget, is never the best and leaves CMA-ES's generation to the completed trials.
+scored chunk by chunk; each example's share of the objective is reported to Optuna's ``WilcoxonPruner`` (step: the
+example's index; the values are scaled so that their mean is the objective), and a candidate clearly worse than the
+best so far on the examples scored (one-sided Wilcoxon signed-rank test, ``p < prune``) is stopped there. A
+*pruned* trial returns the mean of what it reported, an estimate of its objective, as the pruner's documentation
+advises: CMA-ES ranks it in its generation (a raised ``TrialPruned`` gives CMA-ES no value, and a generation in
+which most candidates are pruned never completes). It is marked ``pruned``, counts in the budget and is never the
+best.
 
 Outputs in the run folder, rewritten as the search goes: ``best_recipe.yml`` (legacy format, for
 ``dfsmerge merge``), ``best_recipe_native.yml``, ``trials.csv``, ``progress.png`` and ``best_recipe.png``.
@@ -289,11 +292,11 @@ def summary(recipe: Recipe) -> str:
 
 
 def done_trials(trials: Iterable[Any]) -> list[Any]:
-    """Finished trials in order of completion: completed, pruned, and failed in evaluation (a trial failed
-    because its worker died is not finished; it is retried)."""
+    """Finished trials in order of completion: completed ones (pruned ones among them) and those that failed in
+    evaluation (a trial failed because its worker died is not finished; it is retried)."""
     from optuna.trial import TrialState
 
-    done = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+    done = [t for t in trials if t.state == TrialState.COMPLETE
             or (t.state == TrialState.FAIL and "error" in t.user_attrs)]
     return sorted(done, key=lambda t: (t.datetime_complete, t.number))
 
@@ -377,19 +380,20 @@ def open_study(config: SearchConfig, space: SearchSpace, storage: str, study_nam
     return study
 
 
-def score_of(trial: Any) -> float | None:
-    """A finished trial's objective, or None: failed, or pruned (Optuna gives a pruned trial the value of its last
-    report, one example's score, which is no score of the candidate)."""
-    from optuna.trial import TrialState
+def state_of(trial: Any) -> str:
+    """``complete``, ``pruned`` (stopped by the pruner: its value is an estimate) or ``fail``."""
+    return "pruned" if "pruned" in trial.user_attrs else trial.state.name.lower()
 
-    return trial.value if trial.state == TrialState.COMPLETE else None
+
+def score_of(trial: Any) -> float | None:
+    """A trial's objective over all examples, or None (failed, or pruned)."""
+    return trial.value if state_of(trial) == "complete" else None
 
 
 def best_trial(trials: list[Any]) -> Any | None:
-    """The reported best: the highest held-out score among trials that have one, else the highest score."""
-    from optuna.trial import TrialState
-
-    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    """The reported best: the highest held-out score among trials that have one, else the highest score (pruned
+    trials never)."""
+    complete = [t for t in trials if score_of(t) is not None]
     validated = [t for t in complete if "validation" in t.user_attrs]
     if validated:
         return max(validated, key=lambda t: (t.user_attrs["validation"], t.value))
@@ -408,9 +412,9 @@ def _write(path: Path, text: str | bytes) -> None:
 
 def write_trials_csv(path: Path, done: list[Any], population: int, space: SearchSpace,
                      evaluators: list[str] = ()) -> None:
-    """``trials.csv``: trial, generation, state (complete, pruned, fail), score (the objective), one column per
-    evaluator when there are several (its score), validation, hops, recipe, worker, error, examples (how many
-    were scored: fewer for a pruned trial)."""
+    """``trials.csv``: trial, generation, state (complete, pruned, fail), score (the objective; for a pruned trial
+    the estimate from its examples), one column per evaluator when there are several (its score), validation,
+    hops, recipe, worker, error, examples (how many were scored: fewer for a pruned trial)."""
     out = io.StringIO()
     writer = csv.writer(out)
     names = list(evaluators) if len(evaluators) > 1 else []
@@ -423,8 +427,7 @@ def write_trials_csv(path: Path, done: list[Any], population: int, space: Search
         except RecipeError:  # a candidate without any hop
             hops, text = 0, ""
         scores = t.user_attrs.get("scores", {})
-        writer.writerow([t.number, i // population, t.state.name.lower(),
-                         "" if score_of(t) is None else f"{t.value:.6g}",
+        writer.writerow([t.number, i // population, state_of(t), "" if t.value is None else f"{t.value:.6g}",
                          *(f"{scores[n]:.6g}" if n in scores else "" for n in names),
                          f"{t.user_attrs['validation']:.6g}" if "validation" in t.user_attrs else "",
                          hops, text, t.user_attrs.get("worker", ""), t.user_attrs.get("error", ""),
@@ -433,7 +436,8 @@ def write_trials_csv(path: Path, done: list[Any], population: int, space: Search
 
 
 def generation_stats(done: list[Any], population: int) -> list[tuple[int, float, float]]:
-    """(generation, best score so far, median score of the generation) for every full generation."""
+    """(generation, best score so far, median score of the generation's complete trials) for every full
+    generation."""
     rows, best = [], -math.inf
     for g in range(len(done) // population):
         values = [t.value for t in done[g * population:(g + 1) * population] if score_of(t) is not None]
@@ -501,6 +505,14 @@ def write_plots(folder: Path, done: list[Any], population: int, space: SearchSpa
 # ---------------------------------------------------------------------------------------------------- worker
 
 
+class _Pruned(Exception):
+    """A candidate the pruner stopped; ``estimate``: the mean of the shares of the objective it reported."""
+
+    def __init__(self, estimate: float):
+        super().__init__(f"pruned, estimate {estimate:.6g}")
+        self.estimate = estimate
+
+
 @dataclass
 class Timing:
     """Where a worker's time went (seconds): evaluation (assembly + scoring) against the whole run."""
@@ -531,8 +543,6 @@ class _Worker:
         self.bar = None if quiet else _bar(config.trials, self.start_done)
 
     def objective(self, trial: Any) -> float:
-        import optuna
-
         from .assemble import assemble
 
         mask, scales = self.space.decode(self.space.suggest(trial))
@@ -550,8 +560,9 @@ class _Worker:
             if any(p.held_out is not None for p in parts) and score > self._best_value():
                 held_out = [s if p.held_out is None else p.held_out(model, tokenizer) for p, s in zip(parts, scores)]
                 trial.set_user_attr("validation", self.evaluators.value(held_out))
-        except optuna.TrialPruned:
-            raise
+        except _Pruned as pruned:
+            trial.set_user_attr("pruned", True)
+            return pruned.estimate
         except Exception as exc:  # a failing candidate is recorded as failed, never fatal to the search
             message = f"{type(exc).__name__}: {exc}"[:500]
             trial.set_user_attr("error", message)
@@ -568,36 +579,37 @@ class _Worker:
         return score
 
     def score(self, trial: Any, model: Any, tokenizer: Any) -> list[float]:
-        """Each evaluator's score. With a pruner, every example's score times its evaluator's weight is reported
-        (step: the example's index, counted across evaluators) and, after each chunk but the last, a trial the
-        pruner finds clearly worse than the best is stopped (``optuna.TrialPruned``)."""
-        import optuna
+        """Each evaluator's score. With a pruner, every example's share of the objective is reported (step: its
+        index, counted across evaluators; value: its contribution times its evaluator's weight and ``total /
+        examples of the evaluator``, so that the mean of all is the objective) and, after each chunk but the last,
+        :class:`_Pruned` stops a candidate the pruner finds clearly worse than the best."""
+        parts = self.evaluators.parts
+        total, reported, scores = sum(len(p.search) for p in parts), [], []
+        for part in parts:
+            offset, scale = len(reported), part.weight * total / len(part.search)
 
-        total, scored, scores = sum(len(p.search) for p in self.evaluators.parts), 0, []
-        for part in self.evaluators.parts:
-            offset = scored
-
-            def report(index: list[int], values: Any, weight: float = part.weight, offset: int = offset) -> None:
-                nonlocal scored
-                scored += len(index)
+            def report(index: list[int], values: Any, part: Any = part, offset: int = offset, scale: float = scale
+                       ) -> None:
+                shares = (scale * part.search.contributions(index, values)).tolist()
+                reported.extend(shares)
                 if self.config.prune is None:
                     return
-                for i, value in zip(index, values.tolist()):
-                    trial.report(weight * value, offset + i)
-                if scored < total and trial.should_prune():
-                    trial.set_user_attr("examples", scored)
-                    raise optuna.TrialPruned(f"pruned after {scored} of {total} examples")
+                for i, share in zip(index, shares):
+                    trial.report(share, offset + i)
+                if len(reported) < total and trial.should_prune():
+                    trial.set_user_attr("examples", len(reported))
+                    raise _Pruned(statistics.fmean(reported))
 
             scores.append(part.search(model, tokenizer, on_chunk=report))
-        trial.set_user_attr("examples", scored)
+        trial.set_user_attr("examples", total)
         trial.set_user_attr("scores", dict(zip(self.evaluators.names, scores)))
         return scores
 
     def _best_value(self) -> float:
         from optuna.trial import TrialState
 
-        values = [t.value for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
-        return max(values, default=-math.inf)
+        values = [score_of(t) for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+        return max((v for v in values if v is not None), default=-math.inf)
 
     def after_trial(self, study: Any, trial: Any) -> None:
         trials = study.get_trials(deepcopy=False)
@@ -621,7 +633,7 @@ class _Worker:
         elapsed = time.perf_counter() - self.start
         rate = (len(done) - self.start_done) / elapsed if elapsed > 0 else 0.0
         eta = (self.config.trials - len(done)) / rate if rate > 0 else math.inf
-        states = [t.state.name.lower() for t in done[g * population:(g + 1) * population]]
+        states = [state_of(t) for t in done[g * population:(g + 1) * population]]
         line = (f"generation {g + 1}/{self.config.generations}: best {best:.5g}  median "
                 f"{statistics.median(values) if values else math.nan:.5g}  {rate:.2f} trials/s  ETA {_duration(eta)}"
                 + "".join(f"  ({states.count(s)} {s})" for s in ("pruned", "fail") if s in states))

@@ -213,7 +213,8 @@ def _rows(run: Path) -> list[dict]:
 
 def test_weak_candidates_are_pruned_recorded_and_never_best(tmp_path, pair):
     """Text sampled from source A: candidates clearly worse than the best so far on the first chunks are
-    stopped there; they are marked in trials.csv with the examples they cost, and the best is a complete trial."""
+    stopped there with an estimate (the mean of what they reported); they are marked in trials.csv with the
+    examples they cost, and the best is a trial scored in full, even where an estimate is higher."""
     from transformers import AutoModelForCausalLM
 
     from dfsmerge.evolve import best_trial
@@ -227,18 +228,24 @@ def test_weak_candidates_are_pruned_recorded_and_never_best(tmp_path, pair):
     evolve(load_search(search), tmp_path / "run", quiet=True)
     trials = _study(f"sqlite:///{tmp_path / 'run' / 'study.db'}", "run").get_trials()
     rows = {int(r["trial"]): r for r in _rows(tmp_path / "run")}
-    pruned = [t for t in trials if t.state.name == "PRUNED"]
-    complete = [t for t in trials if t.state.name == "COMPLETE"]
-    assert pruned and complete and len(rows) == 16
+    pruned = [t for t in trials if t.user_attrs.get("pruned")]
+    full = [t for t in trials if not t.user_attrs.get("pruned")]
+    assert pruned and full and len(rows) == 16
     for t in pruned:
         row, examples = rows[t.number], int(rows[t.number]["examples"])
-        assert row["state"] == "pruned" and row["score"] == "" and examples % 4 == 0 and 4 <= examples < 40
+        assert row["state"] == "pruned" and examples % 4 == 0 and 4 <= examples < 40
         assert len(t.intermediate_values) == examples  # each example scored was reported once
-    assert {int(rows[t.number]["examples"]) for t in complete} == {40}
+        assert t.value == pytest.approx(sum(t.intermediate_values.values()) / examples)  # the estimate
+    for t in full:  # the mean of the reported shares is the score
+        assert rows[t.number]["state"] == "complete" and rows[t.number]["examples"] == "40"
+        assert t.value == pytest.approx(sum(t.intermediate_values.values()) / 40, rel=1e-9)
     best = best_trial(trials)
-    assert best.state.name == "COMPLETE" and best.value == max(t.value for t in complete)
+    assert best in full and best.value == max(t.value for t in full)
     space = SearchSpace(load_search(search))
     assert (tmp_path / "run" / "best_recipe.yml").read_text() == space.dump(*space.decode(best.params))[0]
+    # an estimate above every full score (as a lucky first chunk could give) still is no best
+    pruned[0].value = best.value + 1.0
+    assert best_trial(trials) is best
 
 
 def test_several_evaluators_make_one_weighted_objective(tmp_path, pair):
