@@ -65,20 +65,38 @@ SEARCH_EXAMPLE = """example search.yml:
   num_r: 3                  # repetitions of the layer sequence
   input_layer_model: 0
   output_layer_model: 0
-  dtype: bfloat16           # of the candidates during the search (float32 is faster on most CPUs)
+  device: cpu               # or cuda
+  dtype: float32            # of the candidates; default: float32 on a CPU, bfloat16 on a GPU
   search:
     population: 16          # CMA-ES population per generation
-    generations: 25
+    generations: 25         # the budget: population x generations trials (pruned ones count)
     seed: 0
     scales: [0.5, 1.5]      # per-slot scale range; false keeps all scales at 1
     keep_ends: true         # input model's first layer starts the path, output model's last layer ends it
     init: own_order         # CMA-ES starts at the input model's own layer order (or: center)
     max_hops: 64            # optional bound on the path length
     sigma0: 0.17            # optional initial step, as a fraction of each parameter's range
+    prune: true             # stop a candidate clearly worse than the best so far: Optuna's WilcoxonPruner on
+                            # the per-example scores, p < 0.1 (a number in (0, 1) sets p; false: score all)
   evaluator:
-    type: loglik            # or choice, generate, or `python: module:function`
+    type: loglik            # or choice, generate, lm_eval, or `python: module:function`
     data: data.jsonl
     validation: 0.2         # held-out share that chooses the reported best
+    batch_size: 8           # rows per forward pass; default: 8 on a CPU, 32 on a GPU
+    max_length: 1024        # tokens per example (longer ones are cut); default 1024
+    chunk_size: 32          # examples scored between two pruning checks; default: 4 x batch_size
+
+  # lm-evaluation-harness tasks (pip install 'dfsmerge[lm_eval]'), scored on the in-memory candidate:
+  # evaluator: {type: lm_eval, tasks: [arc_easy], num_fewshot: 0, limit: 200, metric: acc_norm}
+  #   include_path: my_tasks/ adds a folder of your own task YAML files; metric: a per-document metric,
+  #   `name,filter` as lm-eval prints it (exact_match,strict-match); max_length default: lm-eval's rule.
+
+  # several evaluators, one objective: the weighted sum of their scores, each as its evaluator reports it
+  # (higher is better; no rescaling, so mind the scales when mixing kinds), weights normalised to sum to 1;
+  # each score is a column of trials.csv, named by `name` (default: the data file's stem, the tasks)
+  # evaluators:
+  #   - {type: loglik, data: wiki.jsonl, weight: 1}
+  #   - {type: lm_eval, tasks: [mine], include_path: my_tasks/, metric: acc, weight: 2}
 """
 
 
@@ -94,24 +112,25 @@ def cmd_evolve(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from .evaluate import Loglik, load_model, make_evaluators
+    from .evaluate import Loglik, load_model, make_evaluators, speed_defaults
 
-    spec: dict = {"data": args.data, "validation": 0, "batch_size": args.batch_size, "max_length": args.max_length,
-                  "max_new_tokens": args.max_new_tokens}
+    defaults = speed_defaults(args.device)
+    spec: dict = {"validation": 0, "batch_size": args.batch_size or defaults["batch_size"]}
     if args.evaluator.startswith("python:"):
         spec["python"] = args.evaluator[len("python:"):]
     else:
         spec["type"] = args.evaluator
-    if args.max_examples:
-        spec["max_examples"] = args.max_examples
-    if args.answer_regex:
-        spec["answer_regex"] = args.answer_regex
-    evaluator, _ = make_evaluators(spec)
+    options = {"data": args.data, "max_examples": args.max_examples, "max_length": args.max_length,
+               "max_new_tokens": args.max_new_tokens, "answer_regex": args.answer_regex,
+               "tasks": args.tasks.split(",") if args.tasks else None, "include_path": args.include_path,
+               "num_fewshot": args.num_fewshot, "limit": args.limit, "metric": args.metric}
+    spec.update({key: value for key, value in options.items() if value is not None})
+    evaluator, _ = make_evaluators(spec, device=args.device)
     width = max(len(t) for t in args.models)
     extra = "  perplexity" if isinstance(evaluator, Loglik) else ""
-    print(f"{'model':<{width}}  {evaluator.metric:>12}{extra}  ({len(evaluator)} examples)")
+    print(f"{'model':<{width}}  {evaluator.metric:>12}{extra}  ({len(evaluator.examples)} examples)")
     for target in args.models:
-        model, tokenizer = load_model(target, args.dtype, args.device, args.cache_dir)
+        model, tokenizer = load_model(target, args.dtype or defaults["dtype"], args.device, args.cache_dir)
         score = evaluator(model, tokenizer)
         print(f"{target:<{width}}  {score:>12.5g}" + (f"  {math.exp(-score):>10.4g}" if extra else ""), flush=True)
 
@@ -168,19 +187,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_evolve)
 
-    p = sub.add_parser("eval", help="score models, recipes or sources on a JSONL task")
+    p = sub.add_parser("eval", help="score models, recipes or sources on a JSONL task or lm-eval tasks")
     p.add_argument("models", nargs="+", metavar="MODEL_OR_RECIPE",
                    help="a model folder, a recipe YAML (assembled in memory), a .gguf file or a hub ID")
-    p.add_argument("--data", required=True, help="JSONL examples")
-    p.add_argument("--evaluator", default="loglik", help="loglik (default), choice, generate, or "
+    p.add_argument("--evaluator", default="loglik", help="loglik (default), choice, generate, lm_eval, or "
                    "python:module:function")
+    p.add_argument("--data", default=None, help="JSONL examples (all evaluators but lm_eval)")
     p.add_argument("--max-examples", type=int, default=None, help="use only the first N examples")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-length", type=int, default=1024, help="tokens per example (longer ones are cut)")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="generate: the cap on new tokens")
+    p.add_argument("--batch-size", type=int, default=None, help="rows per forward pass (default: 8 on a CPU, "
+                   "32 on a GPU)")
+    p.add_argument("--max-length", type=int, default=None, help="tokens per example, longer ones are cut "
+                   "(default 1024; lm_eval: lm-eval's rule)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="generate: the cap on new tokens (64)")
     p.add_argument("--answer-regex", default=None, help="generate: the answer is the last match (default: the "
                    "last number)")
-    p.add_argument("--dtype", default="float32", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--tasks", default=None, help="lm_eval: task names, comma-separated")
+    p.add_argument("--include-path", default=None, help="lm_eval: a folder of your own task YAML files")
+    p.add_argument("--num-fewshot", type=int, default=None, help="lm_eval: few-shot examples per prompt")
+    p.add_argument("--limit", type=float, default=None, help="lm_eval: documents per task (a count, or a "
+                   "fraction when < 1)")
+    p.add_argument("--metric", default=None, help="lm_eval: the per-document metric (default acc)")
+    p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                   help="default: float32 on a CPU, bfloat16 on a GPU")
     p.add_argument("--device", default="cpu")
     p.add_argument("--cache-dir", default=None, help="Hugging Face cache folder for hub sources")
     p.set_defaults(func=cmd_eval)

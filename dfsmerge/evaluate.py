@@ -7,43 +7,65 @@ An evaluator maps ``(model, tokenizer)`` to one number, higher is better:
                an index or one of the choices; each choice is appended to the prompt as written)
 - ``generate`` exact-match accuracy of greedy generation: ``{"prompt", "answer"}``; the answer is taken from the
                generated text by a regular expression (default: the last number)
+- ``lm_eval``  tasks of EleutherAI's lm-evaluation-harness: the mean of a per-document metric (``acc``, ...)
 - ``python``   ``module:function`` called as ``function(model, tokenizer, examples) -> float``
 
-Data are JSONL files. Examples are tokenized once per tokenizer, sorted by length and padded into batches with
-attention masks, so scoring a new candidate is only forward passes.
+Data are JSONL files (``lm_eval``: the tasks' own). Every evaluator scores its examples in *chunks* of
+``chunk_size`` examples (:meth:`Evaluator.chunks`), yielding one score per example, so that a search can stop a
+weak candidate after a few chunks; the score is the aggregate of all the per-example scores, whatever the chunks.
+Each chunk is a seeded random sample of the examples, the same for every candidate. Examples are tokenized once per
+tokenizer, sorted by length inside a chunk and padded into batches, so scoring a new candidate is only forward
+passes; ``loglik`` and ``choice`` apply the LM head only at the positions they score.
+
+Several evaluators make one objective (:class:`Objective`): the weighted sum of their scores.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import math
 import random
 import re
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from .families import FAMILIES
+from .lm_eval_bridge import HarnessTasks, harness_model, harness_tasks
 from .plan import DTYPES, dtype_name
 from .recipe import RecipeError
 
-__all__ = ["Evaluator", "Loglik", "Choice", "Generate", "PythonEvaluator", "EVALUATOR_KEYS", "load_jsonl",
-           "split_examples", "make_evaluators", "perplexity", "load_model"]
+__all__ = ["Evaluator", "Chunk", "Loglik", "Choice", "Generate", "LmEval", "PythonEvaluator", "Objective",
+           "WeightedEvaluator", "load_jsonl", "split_examples", "make_evaluators", "make_objective",
+           "speed_defaults", "perplexity", "load_model"]
 
-Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # input ids, attention mask, per-row extra
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # input ids, attention mask, per-row index
 
 
-def load_jsonl(path: str | Path, max_examples: int | None = None, required: Sequence[str] = ()) -> list[dict]:
+def speed_defaults(device: str) -> dict[str, Any]:
+    """The evaluation settings that decide its speed, by device: ``batch_size`` 8 on a CPU, 32 on an accelerator
+    (rows per forward pass; no effect on scores beyond rounding); ``dtype`` float32 on a CPU (most CPUs run
+    bfloat16 matrix products slower), bfloat16 on an accelerator; ``max_length`` 1024 tokens on both, since it
+    cuts examples and so changes scores."""
+    cpu = str(device).startswith("cpu")
+    return {"batch_size": 8 if cpu else 32, "dtype": "float32" if cpu else "bfloat16", "max_length": 1024}
+
+
+def load_jsonl(path: str | Path, max_examples: int | None = None, required: Sequence[str] = (),
+               where: str = "evaluator") -> list[dict]:
     """The first ``max_examples`` JSON objects of a JSONL file (blank lines skipped); each must have the
-    ``required`` keys."""
+    ``required`` keys. ``where`` names the evaluator in errors."""
     examples: list[dict] = []
     try:
         lines = Path(path).read_text().splitlines()
     except OSError as exc:
-        raise RecipeError(f"evaluator.data: cannot read {path}: {exc.strerror}") from None
+        raise RecipeError(f"{where}.data: cannot read {path}: {exc.strerror}") from None
     for number, line in enumerate(lines, 1):
         if max_examples is not None and len(examples) >= max_examples:
             break
@@ -58,18 +80,19 @@ def load_jsonl(path: str | Path, max_examples: int | None = None, required: Sequ
             raise RecipeError(f"{path}:{number}: expected keys {list(required)}, missing {missing}")
         examples.append(example)
     if not examples:
-        raise RecipeError(f"evaluator.data: {path} holds no examples")
+        raise RecipeError(f"{where}.data: {path} holds no examples")
     return examples
 
 
-def split_examples(examples: list[dict], validation: float | int, seed: int = 0) -> tuple[list[dict], list[dict]]:
+def split_examples(examples: list, validation: float | int, seed: int = 0, where: str = "evaluator"
+                   ) -> tuple[list, list]:
     """A fixed split into (search, held-out): ``validation`` is a fraction (< 1) or a count of examples, chosen
     by a seeded shuffle so every worker and every resumed run holds out the same ones."""
     n_val = int(validation * len(examples)) if validation < 1 else int(validation)
     if n_val <= 0:
         return examples, []
     if n_val >= len(examples):
-        raise RecipeError(f"evaluator.validation: holding out {n_val} of {len(examples)} examples leaves none "
+        raise RecipeError(f"{where}.validation: holding out {n_val} of {len(examples)} examples leaves none "
                           "to search on")
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
@@ -99,82 +122,166 @@ def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _token_logliks(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``log p(ids[:, t+1] | ids[:, :t+1])`` for every position, shape ``(B, T-1)``, zero at padding."""
-    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
-    ll = -F.cross_entropy(logits.float().transpose(1, 2), ids[:, 1:], reduction="none")
-    return ll * mask[:, 1:]
+_HEAD_BLOCK = 4096  # positions per application of the head: bounds the (positions x vocabulary) logits in memory
+_PLAIN_HEADS = {family.causal_lm for family in FAMILIES.values()}
+
+
+def _plain_head(model: torch.nn.Module) -> bool:
+    """Whether the model's logits are its output embeddings applied to its decoder's last hidden state, nothing
+    more: a causal LM of a family in ``families.FAMILIES`` or a subclass of one (DFS models are). Other models
+    (a final logit soft-cap, a logit scale, ...) are run whole."""
+    return any(cls.__name__ in _PLAIN_HEADS for cls in type(model).__mro__)
+
+
+def _token_logliks(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, scored: torch.Tensor
+                   ) -> torch.Tensor:
+    """``log p(ids[b, t+1] | ids[b, :t+1])`` where ``scored[b, t]`` (bool, ``(B, T-1)``), 0 elsewhere; shape
+    ``(B, T-1)``, float32. For a model with a plain head (:func:`_plain_head`) the decoder
+    (``get_decoder()``) runs to hidden states and the head (``get_output_embeddings()``) only at the scored
+    positions, ``_HEAD_BLOCK`` at a time; a 49k-token head at every position is about a fifth of SmolLM2-135M's
+    forward. Any other model runs whole and its logits are gathered."""
+    targets = ids[:, 1:][scored]
+    if _plain_head(model):
+        hidden = model.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        head = model.get_output_embeddings()
+        ll = torch.cat([-F.cross_entropy(head(h).float(), t, reduction="none") for h, t in
+                        zip(hidden[:, :-1][scored].split(_HEAD_BLOCK), targets.split(_HEAD_BLOCK))])
+    else:
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1][scored]
+        ll = -F.cross_entropy(logits.float(), targets, reduction="none")
+    out = torch.zeros(scored.shape, dtype=torch.float32, device=ids.device)
+    out[scored] = ll
+    return out
+
+
+_UNPREPARED = object()  # the tokenizer an evaluator has prepared its chunks for, before the first call
+
+
+@dataclass
+class Chunk:
+    """Some of an evaluator's examples (indices into its ``examples``) and their padded batches."""
+
+    examples: list[int]
+    batches: list[Batch] = field(default_factory=list)
 
 
 class Evaluator:
-    """Scores ``(model, tokenizer)`` on fixed examples; higher is better. Subclasses turn examples into padded
-    batches (:meth:`prepare`, run once per tokenizer) and batches into a score (:meth:`score`)."""
+    """Scores ``(model, tokenizer)`` on fixed examples; higher is better. Subclasses turn examples into chunks of
+    padded batches (:meth:`prepare`, run once per tokenizer) and a chunk into per-example scores
+    (:meth:`score_chunk`); the score is the mean of the examples' :meth:`contributions`."""
 
     metric = "score"
 
-    def __init__(self, examples: list[dict], batch_size: int = 8, max_length: int = 1024):
+    def __init__(self, examples: list, batch_size: int = 8, max_length: int | None = 1024,
+                 chunk_size: int | None = None, seed: int = 0):
         self.examples = examples
         self.batch_size = batch_size
         self.max_length = max_length
-        self._tokenizer: Any = None
-        self._batches: list[Batch] = []
+        self.chunk_size = chunk_size or 4 * batch_size
+        self.seed = seed
+        self._tokenizer: Any = _UNPREPARED
+        self._chunks: list[Chunk] = []
 
     def __len__(self) -> int:
+        """The number of per-example scores :meth:`chunks` yields."""
         return len(self.examples)
 
-    def prepare(self, tokenizer: Any) -> list[Batch]:
+    def parts(self) -> list[list[int]]:
+        """The examples' indices in a seeded random order, cut into chunks of ``chunk_size``: each chunk is a
+        random sample of the data, and the same for every candidate."""
+        order = list(range(len(self.examples)))
+        random.Random(self.seed).shuffle(order)
+        return [order[start:start + self.chunk_size] for start in range(0, len(order), self.chunk_size)]
+
+    def prepare(self, tokenizer: Any) -> list[Chunk]:
         raise NotImplementedError
 
-    def score(self, model: torch.nn.Module, tokenizer: Any, batches: list[Batch]) -> float:
+    def score_chunk(self, model: torch.nn.Module, tokenizer: Any, chunk: Chunk) -> torch.Tensor:
+        """The scores of ``chunk.examples``, in that order: float64, shape ``(len(chunk.examples),)``."""
         raise NotImplementedError
 
-    def _batched(self, rows: list[list[int]], extra: list[Any], pad_id: int, left: bool = False) -> list[Batch]:
-        """Sort rows by length (less padding), cut into batches, pad; ``extra`` travels with each row."""
+    def contributions(self, index: list[int], scores: torch.Tensor) -> torch.Tensor:
+        """The examples' shares of the score, scaled so that the score is the mean of all of them: each score
+        times its example's weight (1 here; ``loglik`` weighs a text by its token count over the mean count)."""
+        return scores
+
+    def aggregate(self, scores: torch.Tensor) -> float:
+        """The score from all per-example scores (float64, indexed like ``examples``)."""
+        return float(self.contributions(list(range(len(self))), scores).mean())
+
+    def _batched(self, rows: list[list[int]], index: list[int], pad_id: int, left: bool = False) -> list[Batch]:
+        """Sort rows by length (less padding), cut into batches, pad; ``index`` travels with each row."""
         order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
         batches = []
         for start in range(0, len(order), self.batch_size):
             part = order[start:start + self.batch_size]
             ids, mask = _pad([rows[i] for i in part], pad_id, left)
-            batches.append((ids, mask, torch.as_tensor([extra[i] for i in part])))
+            batches.append((ids, mask, torch.as_tensor([index[i] for i in part])))
         return batches
 
     @torch.inference_mode()
-    def __call__(self, model: torch.nn.Module, tokenizer: Any) -> float:
+    def chunks(self, model: torch.nn.Module, tokenizer: Any) -> Iterator[tuple[list[int], torch.Tensor]]:
+        """``(example indices, their scores)`` chunk by chunk (:meth:`parts`), the model in eval mode meanwhile.
+        Stopping early is allowed: the model gets its mode back when the generator is closed."""
         if tokenizer is not self._tokenizer:  # keeps a reference, so an identity check is safe
-            self._batches, self._tokenizer = self.prepare(tokenizer), tokenizer
+            self._chunks, self._tokenizer = self.prepare(tokenizer), tokenizer
         was_training = model.training
         model.eval()
         try:
-            return self.score(model, tokenizer, self._batches)
+            for chunk in self._chunks:
+                yield chunk.examples, self.score_chunk(model, tokenizer, chunk)
         finally:
             model.train(was_training)
 
+    def __call__(self, model: torch.nn.Module, tokenizer: Any,
+                 on_chunk: Callable[[list[int], torch.Tensor], None] | None = None) -> float:
+        """The score. ``on_chunk(example indices, their scores)`` runs after each chunk: a search reports them to
+        its pruner there, and stops the scoring by raising (the rest is never scored)."""
+        scores = torch.full((len(self),), math.nan, dtype=torch.float64)
+        with contextlib.closing(self.chunks(model, tokenizer)) as chunks:
+            for index, values in chunks:
+                scores[index] = values
+                if on_chunk is not None:
+                    on_chunk(index, values)
+        return self.aggregate(scores)
+
 
 class Loglik(Evaluator):
-    """Mean log-likelihood per predicted token over all ``{"text"}`` lines (each truncated to ``max_length``)."""
+    """Mean log-likelihood per predicted token over all ``{"text"}`` lines (each truncated to ``max_length``).
+    An example's score is its own mean per token; the score weighs them by their token counts."""
 
     metric = "loglik"
 
-    def prepare(self, tokenizer: Any) -> list[Batch]:
+    def prepare(self, tokenizer: Any) -> list[Chunk]:
         rows = [ids[:self.max_length] for ids in tokenizer([e["text"] for e in self.examples])["input_ids"]]
-        return self._batched(rows, [0] * len(rows), _pad_id(tokenizer))
+        tokens = torch.tensor([max(len(row) - 1, 0) for row in rows], dtype=torch.float64)
+        self._tokens = tokens
+        self._weights = tokens / tokens.mean() if tokens.sum() > 0 else torch.ones_like(tokens)
+        return [Chunk(part, self._batched([rows[i] for i in part], part, _pad_id(tokenizer))) for part in self.parts()]
 
-    def score(self, model: torch.nn.Module, tokenizer: Any, batches: list[Batch]) -> float:
-        device = _device(model)
-        total = torch.zeros((), dtype=torch.float64)
-        count = sum(int(mask[:, 1:].sum()) for _, mask, _ in batches)
-        for ids, mask, _ in batches:
-            total += _token_logliks(model, ids.to(device), mask.to(device)).sum().double().cpu()
-        return float(total / max(count, 1))
+    def score_chunk(self, model: torch.nn.Module, tokenizer: Any, chunk: Chunk) -> torch.Tensor:
+        device, sums = _device(model), {}
+        for ids, mask, rows in chunk.batches:
+            mask = mask.to(device)
+            ll = _token_logliks(model, ids.to(device), mask, mask[:, 1:].bool())
+            sums.update(zip(rows.tolist(), ll.double().sum(1).cpu()))
+        index = torch.tensor(chunk.examples)
+        return torch.stack([sums[i] for i in chunk.examples]) / self._tokens[index].clamp(min=1)
+
+    def contributions(self, index: list[int], scores: torch.Tensor) -> torch.Tensor:
+        return scores * self._weights[index]
 
 
 class Choice(Evaluator):
-    """Accuracy: the choice with the highest summed log-likelihood after the prompt must be the answer."""
+    """Accuracy: the choice with the highest summed log-likelihood after the prompt must be the answer. An
+    example's score is 1 or 0. ``last_logliks`` holds the summed log-likelihoods of the last call, shape
+    ``(examples, most choices)``, float64, -inf where an example has fewer choices."""
 
     metric = "accuracy"
 
-    def prepare(self, tokenizer: Any) -> list[Batch]:
-        rows, starts, self._pairs, self._answers = [], [], [], []
+    def prepare(self, tokenizer: Any) -> list[Chunk]:
+        rows, starts, pairs, answers = [], [], [], []
+        rows_of: list[list[int]] = []  # example -> its rows, one per choice
         for i, example in enumerate(self.examples):
             choices, answer = example["choices"], example["answer"]
             index = answer if isinstance(answer, int) and not isinstance(answer, bool) else (
@@ -182,32 +289,34 @@ class Choice(Evaluator):
             if not 0 <= index < len(choices):
                 raise RecipeError(f"evaluator.data: example {i}: answer {answer!r} is neither an index nor one "
                                   f"of the {len(choices)} choices")
-            self._answers.append(index)
+            answers.append(index)
             prompt = tokenizer(example["prompt"])["input_ids"]
+            rows_of.append([])
             for j, choice in enumerate(choices):
                 cont = tokenizer(choice, add_special_tokens=False)["input_ids"]
                 row = (prompt + cont)[-self.max_length:]
+                rows_of[-1].append(len(rows))
                 rows.append(row)
                 starts.append(len(row) - len(cont))  # first continuation position
-                self._pairs.append((i, j))
-        # the row index travels with each row, so scores land in the right (example, choice) cell
-        batches = self._batched(rows, list(range(len(rows))), _pad_id(tokenizer))
-        self._starts = torch.tensor(starts)
-        return batches
+                pairs.append((i, j))
+        self._starts, self._pairs, self._answers = torch.tensor(starts), torch.tensor(pairs), torch.tensor(answers)
+        self.last_logliks = torch.full((len(self.examples), max(j for _, j in pairs) + 1), -math.inf,
+                                       dtype=torch.float64)
+        pad, chunks = _pad_id(tokenizer), []
+        for part in self.parts():  # the row index travels with each row: (example, choice) = self._pairs[row]
+            part_rows = [r for i in part for r in rows_of[i]]
+            chunks.append(Chunk(part, self._batched([rows[r] for r in part_rows], part_rows, pad)))
+        return chunks
 
-    def score(self, model: torch.nn.Module, tokenizer: Any, batches: list[Batch]) -> float:
-        device = _device(model)
-        n_choices = max(j for _, j in self._pairs) + 1
-        table = torch.full((len(self.examples), n_choices), -math.inf, dtype=torch.float64)
-        pairs = torch.tensor(self._pairs)
-        for ids, mask, rows in batches:
-            ll = _token_logliks(model, ids.to(device), mask.to(device)).double().cpu()
-            targets = torch.arange(1, ids.shape[1])  # position of the token each log-likelihood predicts
-            in_choice = targets[None, :] >= self._starts[rows][:, None]
-            sums = (ll * in_choice).sum(1)
-            table[pairs[rows, 0], pairs[rows, 1]] = sums
-        predicted = table.argmax(1)
-        return float((predicted == torch.tensor(self._answers)).double().mean())
+    def score_chunk(self, model: torch.nn.Module, tokenizer: Any, chunk: Chunk) -> torch.Tensor:
+        device, table = _device(model), self.last_logliks
+        for ids, mask, rows in chunk.batches:
+            predicted = torch.arange(1, ids.shape[1])  # the position of the token each log-likelihood predicts
+            scored = (predicted[None, :] >= self._starts[rows][:, None]) & mask[:, 1:].bool()
+            ll = _token_logliks(model, ids.to(device), mask.to(device), scored.to(device))
+            table[self._pairs[rows, 0], self._pairs[rows, 1]] = ll.double().sum(1).cpu()
+        index = torch.tensor(chunk.examples)
+        return (table[index].argmax(1) == self._answers[index]).double()
 
 
 def normalize_answer(text: str) -> str:
@@ -217,13 +326,15 @@ def normalize_answer(text: str) -> str:
 
 class Generate(Evaluator):
     """Exact-match accuracy of greedy generation (left-padded batches, at most ``max_new_tokens``); the answer
-    is the last match of ``answer_regex`` (its first group, if it has one) in the generated text."""
+    is the last match of ``answer_regex`` (its first group, if it has one) in the generated text. An example's
+    score is 1 or 0."""
 
     metric = "exact_match"
 
     def __init__(self, examples: list[dict], batch_size: int = 8, max_length: int = 1024,
-                 max_new_tokens: int = 64, answer_regex: str = r"-?\d[\d,]*(?:\.\d+)?"):
-        super().__init__(examples, batch_size, max_length)
+                 chunk_size: int | None = None, max_new_tokens: int = 64,
+                 answer_regex: str = r"-?\d[\d,]*(?:\.\d+)?"):
+        super().__init__(examples, batch_size, max_length, chunk_size)
         self.max_new_tokens = max_new_tokens
         self.last_outputs: dict[int, str] = {}  # example index -> text generated by the last call
         try:
@@ -240,27 +351,51 @@ class Generate(Evaluator):
         last = matches[-1]
         return normalize_answer(last.group(1) if self.pattern.groups else last.group(0))
 
-    def prepare(self, tokenizer: Any) -> list[Batch]:
+    def prepare(self, tokenizer: Any) -> list[Chunk]:
         rows = [ids[-self.max_length:] for ids in tokenizer([e["prompt"] for e in self.examples])["input_ids"]]
-        return self._batched(rows, list(range(len(rows))), _pad_id(tokenizer), left=True)
+        pad = _pad_id(tokenizer)
+        return [Chunk(part, self._batched([rows[i] for i in part], part, pad, left=True)) for part in self.parts()]
 
-    def score(self, model: torch.nn.Module, tokenizer: Any, batches: list[Batch]) -> float:
+    def score_chunk(self, model: torch.nn.Module, tokenizer: Any, chunk: Chunk) -> torch.Tensor:
         from transformers import GenerationConfig
 
         config = GenerationConfig(max_new_tokens=self.max_new_tokens, do_sample=False,
                                   pad_token_id=_pad_id(tokenizer), eos_token_id=tokenizer.eos_token_id)
-        device, correct = _device(model), 0
-        for ids, mask, rows in batches:
+        device, correct = _device(model), {}
+        for ids, mask, rows in chunk.batches:
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
             texts = tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
             for row, text in zip(rows.tolist(), texts):
                 self.last_outputs[row] = text
-                correct += self.extract(text) == normalize_answer(self.examples[row]["answer"])
-        return correct / len(self.examples)
+                correct[row] = float(self.extract(text) == normalize_answer(self.examples[row]["answer"]))
+        return torch.tensor([correct[i] for i in chunk.examples], dtype=torch.float64)
+
+
+class LmEval(Evaluator):
+    """Tasks of lm-evaluation-harness (``lm_eval_bridge.py``): the examples are their documents,
+    ``{"task", "doc_id"}``; an example's score is the per-document ``metric`` lm-eval computes for it (negated
+    where lm-eval says lower is better), the score their mean (for one task, what lm-eval reports for it).
+    ``max_length`` None: lm-eval's own rule (the model config's context length)."""
+
+    def __init__(self, harness: HarnessTasks, examples: list[dict], metric: str = "acc", batch_size: int = 8,
+                 max_length: int | None = None, chunk_size: int | None = None):
+        super().__init__(examples, batch_size, max_length, chunk_size)
+        self.harness = harness
+        self.metric = metric
+        self._metric = harness.metric(metric)
+
+    def prepare(self, tokenizer: Any) -> list[Chunk]:
+        return [Chunk(part) for part in self.parts()]
+
+    def score_chunk(self, model: torch.nn.Module, tokenizer: Any, chunk: Chunk) -> torch.Tensor:
+        lm = harness_model(model, tokenizer, self.batch_size, self.max_length)
+        docs = [self.examples[i] for i in chunk.examples]
+        return torch.tensor(self.harness.score(lm, docs, self._metric), dtype=torch.float64)
 
 
 class PythonEvaluator(Evaluator):
-    """A user's ``function(model, tokenizer, examples) -> float``, higher is better."""
+    """A user's ``function(model, tokenizer, examples) -> float``, higher is better. It scores all examples at
+    once, so it yields one chunk of one score."""
 
     metric = "score"
 
@@ -268,73 +403,190 @@ class PythonEvaluator(Evaluator):
         super().__init__(examples)
         self.function = function
 
-    def prepare(self, tokenizer: Any) -> list[Batch]:
-        return []
+    def __len__(self) -> int:
+        return 1
 
-    def score(self, model: torch.nn.Module, tokenizer: Any, batches: list[Batch]) -> float:
-        return float(self.function(model, tokenizer, self.examples))
+    def prepare(self, tokenizer: Any) -> list[Chunk]:
+        return [Chunk([0])]
+
+    def score_chunk(self, model: torch.nn.Module, tokenizer: Any, chunk: Chunk) -> torch.Tensor:
+        return torch.tensor([float(self.function(model, tokenizer, self.examples))], dtype=torch.float64)
 
 
-def _import_function(spec: Any, base: Path) -> Callable:
+def _import_function(spec: Any, base: Path, where: str) -> Callable:
     if not isinstance(spec, str) or spec.count(":") != 1:
-        raise RecipeError(f"evaluator.python: expected 'module:function', got {spec!r}")
+        raise RecipeError(f"{where}.python: expected 'module:function', got {spec!r}")
     module_name, name = spec.split(":")
     sys.path[:0] = [str(base), "."]  # a module beside the search file, or in the working folder
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise RecipeError(f"evaluator.python: cannot import {module_name!r}: {exc}") from None
+        raise RecipeError(f"{where}.python: cannot import {module_name!r}: {exc}") from None
     finally:
         del sys.path[:2]
     function = getattr(module, name, None)
     if not callable(function):
-        raise RecipeError(f"evaluator.python: {module_name} has no function {name!r}")
+        raise RecipeError(f"{where}.python: {module_name} has no function {name!r}")
     return function
 
 
-_REQUIRED = {"loglik": ("text",), "choice": ("prompt", "choices", "answer"), "generate": ("prompt", "answer"),
-             "python": ()}
-EVALUATOR_KEYS = ("type", "python", "data", "max_examples", "validation", "batch_size", "max_length",
-                  "max_new_tokens", "answer_regex")
+_REQUIRED = {"loglik": ("text",), "choice": ("prompt", "choices", "answer"), "generate": ("prompt", "answer")}
+_COMMON_KEYS = ("type", "name", "weight", "validation", "batch_size", "max_length", "chunk_size")
+_KEYS = {
+    "loglik": ("data", "max_examples"),
+    "choice": ("data", "max_examples"),
+    "generate": ("data", "max_examples", "max_new_tokens", "answer_regex"),
+    "lm_eval": ("tasks", "include_path", "num_fewshot", "limit", "metric"),
+    "python": ("python", "data", "max_examples"),
+}
 
 
-def make_evaluators(spec: dict, base: Path = Path(".")) -> tuple[Evaluator, Evaluator | None]:
-    """The ``evaluator:`` section of a search file -> (search evaluator, held-out evaluator or None).
+def _check_integers(spec: dict, where: str) -> None:
+    for key, low in (("max_examples", 1), ("batch_size", 1), ("max_length", 2), ("max_new_tokens", 1),
+                     ("chunk_size", 1), ("num_fewshot", 0)):
+        if key in spec and (not isinstance(spec[key], int) or isinstance(spec[key], bool) or spec[key] < low):
+            raise RecipeError(f"{where}.{key}: expected an integer >= {low}, got {spec[key]!r}")
 
-    Keys: ``type`` (loglik, choice, generate) or ``python: module:function``; ``data`` (JSONL, relative to
-    ``base``); ``max_examples``; ``validation`` (fraction or count held out, default 0.2); ``batch_size``
-    (8); ``max_length`` (1024 tokens); for ``generate``: ``max_new_tokens`` (64) and ``answer_regex``.
+
+def _harness(spec: dict, base: Path, where: str) -> HarnessTasks:
+    tasks = spec.get("tasks")
+    tasks = [tasks] if isinstance(tasks, str) else tasks
+    if not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) for t in tasks):
+        raise RecipeError(f"{where}.tasks: expected a task name or a list of them, got {spec.get('tasks')!r}")
+    include_path = spec.get("include_path")
+    if include_path is not None:
+        if not isinstance(include_path, str) or not (base / include_path).is_dir():
+            raise RecipeError(f"{where}.include_path: expected a folder of task YAML files, got {include_path!r}")
+        include_path = str((base / include_path).resolve())
+    limit = spec.get("limit")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit <= 0):
+        raise RecipeError(f"{where}.limit: expected a count of documents per task or a fraction < 1, got {limit!r}")
+    try:
+        return harness_tasks(tuple(tasks), include_path, spec.get("num_fewshot"), limit)
+    except RecipeError as exc:  # it names the key at fault
+        raise RecipeError(f"{where}.{exc}") from None
+
+
+def make_evaluators(spec: dict, base: Path = Path("."), device: str = "cpu", where: str = "evaluator"
+                    ) -> tuple[Evaluator, Evaluator | None]:
+    """One evaluator's section of a search file -> (search evaluator, held-out evaluator or None).
+
+    Keys: ``type`` (loglik, choice, generate, lm_eval) or ``python: module:function``; ``validation``
+    (fraction or count of the examples held out, default 0.2); ``batch_size`` and ``max_length`` (defaults by
+    ``device``: :func:`speed_defaults`); ``chunk_size`` (examples scored between two chances to stop a weak
+    candidate; default 4 x ``batch_size``); ``name`` and ``weight`` (read by :func:`make_objective`).
+    JSONL evaluators: ``data`` (relative to ``base``) and ``max_examples``; ``generate``: ``max_new_tokens``
+    (64) and ``answer_regex``. ``lm_eval``: ``tasks`` (names, lm-eval's or from ``include_path``, a folder of
+    task YAML files relative to ``base``), ``num_fewshot``, ``limit`` (documents per task: lm-eval's
+    ``--limit``), ``metric`` (default ``acc``; ``metric,filter`` as lm-eval names them), and ``max_length``
+    (default: lm-eval's rule). ``where`` names the section in errors.
     """
     if not isinstance(spec, dict):
-        raise RecipeError(f"evaluator: expected a mapping with `type` and `data`, got {spec!r}")
-    unknown = sorted(set(spec) - set(EVALUATOR_KEYS))
-    if unknown:
-        raise RecipeError(f"evaluator: unknown keys {unknown}; expected some of {list(EVALUATOR_KEYS)}")
+        raise RecipeError(f"{where}: expected a mapping with `type` and `data`, got {spec!r}")
     kind = "python" if "python" in spec else spec.get("type")
-    if kind not in _REQUIRED:
-        raise RecipeError(f"evaluator.type: expected one of loglik, choice, generate (or `python: "
+    if kind not in _KEYS:
+        raise RecipeError(f"{where}.type: expected one of loglik, choice, generate, lm_eval (or `python: "
                           f"module:function`), got {kind!r}")
-    for key, low in (("max_examples", 1), ("batch_size", 1), ("max_length", 2), ("max_new_tokens", 1)):
-        if key in spec and (not isinstance(spec[key], int) or isinstance(spec[key], bool) or spec[key] < low):
-            raise RecipeError(f"evaluator.{key}: expected an integer >= {low}, got {spec[key]!r}")
+    unknown = sorted(set(spec) - set(_COMMON_KEYS) - set(_KEYS[kind]))
+    if unknown:
+        raise RecipeError(f"{where}: unknown keys {unknown}; expected some of {list(_COMMON_KEYS + _KEYS[kind])}")
+    _check_integers(spec, where)
     validation = spec.get("validation", 0.2)
     if isinstance(validation, bool) or not isinstance(validation, (int, float)) or validation < 0:
-        raise RecipeError(f"evaluator.validation: expected a fraction in [0, 1) or a count, got {validation!r}")
-    if "data" not in spec and kind != "python":
-        raise RecipeError(f"evaluator.data: the {kind} evaluator needs a JSONL file")
-    examples = load_jsonl(base / spec["data"], spec.get("max_examples"), _REQUIRED[kind]) if "data" in spec else []
-    search, held_out = split_examples(examples, validation) if examples else ([], [])
+        raise RecipeError(f"{where}.validation: expected a fraction in [0, 1) or a count, got {validation!r}")
+    sizes = {"batch_size": spec.get("batch_size", speed_defaults(device)["batch_size"]),
+             "chunk_size": spec.get("chunk_size")}
+    if kind == "lm_eval":
+        harness = _harness(spec, base, where)
+        metric = spec.get("metric", "acc")
+        try:
+            harness.metric(metric)
+        except RecipeError as exc:
+            raise RecipeError(f"{where}.{exc}") from None
+        search, held_out = split_examples(harness.docs, validation, where=where)
+        build: Callable[[list], Evaluator] = lambda part: LmEval(  # noqa: E731
+            harness, part, metric, max_length=spec.get("max_length"), **sizes)
+    else:
+        if "data" not in spec and kind != "python":
+            raise RecipeError(f"{where}.data: the {kind} evaluator needs a JSONL file")
+        examples = load_jsonl(base / spec["data"], spec.get("max_examples"), _REQUIRED.get(kind, ()), where) \
+            if "data" in spec else []
+        search, held_out = split_examples(examples, validation, where=where) if examples else ([], [])
+        sizes["max_length"] = spec.get("max_length", speed_defaults(device)["max_length"])
 
-    def build(part: list[dict]) -> Evaluator:
-        if kind == "python":
-            return PythonEvaluator(_import_function(spec["python"], base), part)
-        sizes = {k: spec[k] for k in ("batch_size", "max_length") if k in spec}
-        if kind == "generate":
-            extra = {k: spec[k] for k in ("max_new_tokens", "answer_regex") if k in spec}
-            return Generate(part, **sizes, **extra)
-        return {"loglik": Loglik, "choice": Choice}[kind](part, **sizes)
+        def build(part: list) -> Evaluator:
+            if kind == "python":
+                return PythonEvaluator(_import_function(spec["python"], base, where), part)
+            if kind == "generate":
+                extra = {k: spec[k] for k in ("max_new_tokens", "answer_regex") if k in spec}
+                return Generate(part, **sizes, **extra)
+            return {"loglik": Loglik, "choice": Choice}[kind](part, **sizes)
 
     return build(search), (build(held_out) if held_out else None)
+
+
+@dataclass
+class WeightedEvaluator:
+    """One evaluator of an :class:`Objective`: its name (a column of ``trials.csv``), its weight (normalised)
+    and its search and held-out parts."""
+
+    name: str
+    weight: float
+    search: Evaluator
+    held_out: Evaluator | None
+
+
+class Objective:
+    """Several evaluators, one number to maximise: ``sum_i w_i * score_i``, where ``score_i`` is evaluator
+    ``i``'s score as it reports it (higher is better: a log-likelihood per token, an accuracy, ...; no rescaling,
+    so mind the scales when mixing kinds) and the weights ``w_i`` are the ``weight:`` values divided by their sum
+    (they sum to 1). With one evaluator the objective is its score."""
+
+    def __init__(self, parts: list[WeightedEvaluator]):
+        self.parts = parts
+
+    @property
+    def names(self) -> list[str]:
+        return [p.name for p in self.parts]
+
+    def value(self, scores: Sequence[float]) -> float:
+        """The weighted sum of the evaluators' scores, given in the order of :attr:`parts`."""
+        return sum(p.weight * score for p, score in zip(self.parts, scores))
+
+
+def _default_name(spec: dict) -> str:
+    if "python" in spec:
+        return str(spec["python"]).rpartition(":")[2]
+    if spec.get("type") == "lm_eval":
+        tasks = spec.get("tasks")
+        return "+".join(tasks) if isinstance(tasks, list) else str(tasks)
+    return Path(str(spec.get("data", spec.get("type")))).stem
+
+
+def make_objective(spec: dict | list, base: Path = Path("."), device: str = "cpu") -> Objective:
+    """A search file's ``evaluator:`` (one mapping) or ``evaluators:`` (a list of them) -> :class:`Objective`.
+    Each list item is an evaluator's section (:func:`make_evaluators`) plus ``weight`` (a number > 0, default
+    1) and ``name`` (default: its data file's stem, its lm-eval tasks or its Python function; names must differ).
+    """
+    where = "evaluator" if isinstance(spec, dict) else "evaluators"
+    items = [spec] if isinstance(spec, dict) else spec
+    if not isinstance(items, list) or not items:
+        raise RecipeError(f"{where}: expected a list of evaluator mappings, got {spec!r}")
+    parts, weights = [], []
+    for i, item in enumerate(items):
+        here = where if isinstance(spec, dict) else f"{where}[{i}]"
+        search, held_out = make_evaluators(item, base, device, here)
+        weight = item.get("weight", 1)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+            raise RecipeError(f"{here}.weight: expected a number > 0, got {weight!r}")
+        name = item.get("name", _default_name(item))
+        if not isinstance(name, str) or not name or name in [p.name for p in parts]:
+            raise RecipeError(f"{here}.name: expected a name no other evaluator has, got {name!r}")
+        parts.append(WeightedEvaluator(name, 0.0, search, held_out))
+        weights.append(float(weight))
+    for part, weight in zip(parts, weights):
+        part.weight = weight / sum(weights)
+    return Objective(parts)
 
 
 def perplexity(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], batch_size: int = 8,

@@ -13,6 +13,15 @@ sources once, assembles every candidate in memory and evaluates it. A worker tha
 Optuna's heartbeat marks it failed after ``heartbeat`` seconds and it is re-enqueued once, so no finished trial
 is lost or repeated.
 
+The objective is the weighted sum of one or more evaluators' scores (``evaluate.Objective``). Every candidate is
+scored chunk by chunk; each example's share of the objective is reported to Optuna's ``WilcoxonPruner`` (step: the
+example's index; the values are scaled so that their mean is the objective), and a candidate clearly worse than the
+best so far on the examples scored (one-sided Wilcoxon signed-rank test, ``p < prune``) is stopped there. A
+*pruned* trial returns the mean of what it reported, an estimate of its objective, as the pruner's documentation
+advises: CMA-ES ranks it in its generation (a raised ``TrialPruned`` gives CMA-ES no value, and a generation in
+which most candidates are pruned never completes). It is marked ``pruned``, counts in the budget and is never the
+best.
+
 Outputs in the run folder, rewritten as the search goes: ``best_recipe.yml`` (legacy format, for
 ``dfsmerge merge``), ``best_recipe_native.yml``, ``trials.csv``, ``progress.png`` and ``best_recipe.png``.
 """
@@ -35,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from .evaluate import make_evaluators
+from .evaluate import make_objective, speed_defaults
 from .plan import dtype_name
 from .recipe import (Recipe, RecipeError, Source, load_yaml, parse_source, dump_legacy, dump_native,
                      recipe_from_legacy)
@@ -44,10 +53,10 @@ __all__ = ["SearchConfig", "SearchSpace", "load_search", "parse_search", "evolve
 
 log = logging.getLogger("dfsmerge")
 
-_TOP_KEYS = ("models", "num_r", "input_layer_model", "output_layer_model", "search", "evaluator", "dtype",
-             "device", "cache_dir")
+_TOP_KEYS = ("models", "num_r", "input_layer_model", "output_layer_model", "search", "evaluator", "evaluators",
+             "dtype", "device", "cache_dir")
 _SEARCH_KEYS = ("population", "generations", "seed", "sigma0", "scales", "keep_ends", "init", "max_hops",
-                "heartbeat")
+                "heartbeat", "prune")
 _PLOT_EVERY_S = 30.0
 
 
@@ -60,7 +69,7 @@ class SearchConfig:
     configs by :func:`load_search`."""
 
     sources: list[Source]
-    evaluator: dict
+    evaluator: dict | list  # one evaluator's mapping, or a list of them with weights (`evaluators:`)
     num_r: int = 3
     input_model: int = 0
     output_model: int = 0
@@ -73,7 +82,8 @@ class SearchConfig:
     init: str = "own_order"
     max_hops: int | None = None
     heartbeat: int = 30  # seconds of silence after which a worker's running trial counts as lost
-    dtype: str = "bfloat16"
+    prune: float | None = 0.1  # p-value threshold of the Wilcoxon pruner; None: every candidate scored in full
+    dtype: str = "float32"  # parse_search: by the device (evaluate.speed_defaults)
     device: str = "cpu"
     cache_dir: str | None = None
     base: Path = field(default=Path("."), repr=False)  # the search file's folder: data paths are relative to it
@@ -102,9 +112,10 @@ def parse_search(doc: dict, base: Path = Path(".")) -> SearchConfig:
     unknown = sorted(set(doc) - set(_TOP_KEYS))
     if unknown:
         raise RecipeError(f"search file: unknown keys {unknown}; expected some of {list(_TOP_KEYS)}")
-    for key in ("models", "evaluator"):
-        if key not in doc:
-            raise RecipeError(f"{key}: missing (see `dfsmerge evolve --help` for an example)")
+    if "models" not in doc:
+        raise RecipeError("models: missing (see `dfsmerge evolve --help` for an example)")
+    if ("evaluator" in doc) == ("evaluators" in doc):
+        raise RecipeError("evaluator: expected either `evaluator:` (one) or `evaluators:` (a list with weights)")
     if not isinstance(doc["models"], list) or not doc["models"]:
         raise RecipeError(f"models: expected a list of paths or hub IDs, got {doc['models']!r}")
     sources = [parse_source(m, f"models[{i}]") for i, m in enumerate(doc["models"])]
@@ -114,7 +125,7 @@ def parse_search(doc: dict, base: Path = Path(".")) -> SearchConfig:
     unknown = sorted(set(search) - set(_SEARCH_KEYS))
     if unknown:
         raise RecipeError(f"search: unknown keys {unknown}; expected some of {list(_SEARCH_KEYS)}")
-    config = SearchConfig(sources=sources, evaluator=doc["evaluator"], base=base)
+    config = SearchConfig(sources=sources, evaluator=doc.get("evaluator", doc.get("evaluators")), base=base)
     config.num_r = _integer(doc.get("num_r", config.num_r), "num_r", 1)
     for key, attr in (("input_layer_model", "input_model"), ("output_layer_model", "output_model")):
         value = doc.get(key, 0)
@@ -142,6 +153,13 @@ def parse_search(doc: dict, base: Path = Path(".")) -> SearchConfig:
         config.scales = (float(scales[0]), float(scales[1]))
     else:
         raise RecipeError(f"search.scales: expected [low, high] with 0 <= low < high, or false, got {scales!r}")
+    prune = search.get("prune", True)
+    if prune is True or prune is False:
+        config.prune = config.prune if prune else None
+    elif isinstance(prune, float) and 0 < prune < 1:
+        config.prune = prune
+    else:
+        raise RecipeError(f"search.prune: expected true, false or a p-value threshold in (0, 1), got {prune!r}")
     config.keep_ends = _flag(search.get("keep_ends", config.keep_ends), "search.keep_ends")
     config.init = search.get("init", config.init)
     if config.init not in ("own_order", "center"):
@@ -151,8 +169,8 @@ def parse_search(doc: dict, base: Path = Path(".")) -> SearchConfig:
             if not isinstance(doc[key], str):
                 raise RecipeError(f"{key}: expected a string, got {doc[key]!r}")
             setattr(config, key, doc[key])
-    config.dtype = dtype_name(config.dtype)
-    make_evaluators(config.evaluator, base)  # fail now on a bad evaluator or data file, not in every trial
+    config.dtype = dtype_name(doc.get("dtype", speed_defaults(config.device)["dtype"]))
+    make_objective(config.evaluator, base, config.device)  # fail now on a bad evaluator or data, not per trial
     return config
 
 
@@ -273,8 +291,8 @@ def summary(recipe: Recipe) -> str:
 
 
 def done_trials(trials: Iterable[Any]) -> list[Any]:
-    """Finished trials in order of completion: completed ones and those that failed in evaluation (a trial
-    failed because its worker died is not finished; it is retried)."""
+    """Finished trials in order of completion: completed ones (pruned ones among them) and those that failed in
+    evaluation (a trial failed because its worker died is not finished; it is retried)."""
     from optuna.trial import TrialState
 
     done = [t for t in trials if t.state == TrialState.COMPLETE
@@ -344,8 +362,12 @@ def open_study(config: SearchConfig, space: SearchSpace, storage: str, study_nam
         sampler = optuna.samplers.CmaEsSampler(x0=space.x0(), sigma0=config.sigma0, seed=config.seed,
                                                popsize=config.population,
                                                independent_sampler=_trial_seeded_random(config.seed))
+    with warnings.catch_warnings():  # the Wilcoxon pruner is marked experimental since Optuna 3.6
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        pruner = optuna.pruners.WilcoxonPruner(p_threshold=config.prune) if config.prune else \
+            optuna.pruners.NopPruner()
     study = optuna.create_study(storage=rdb, study_name=study_name, direction="maximize", sampler=sampler,
-                                load_if_exists=True)
+                                pruner=pruner, load_if_exists=True)
     signature = space.signature()
     stored = study.user_attrs.get("dfsmerge_search")
     if stored is None:
@@ -357,11 +379,20 @@ def open_study(config: SearchConfig, space: SearchSpace, storage: str, study_nam
     return study
 
 
-def best_trial(trials: list[Any]) -> Any | None:
-    """The reported best: the highest held-out score among trials that have one, else the highest score."""
-    from optuna.trial import TrialState
+def state_of(trial: Any) -> str:
+    """``complete``, ``pruned`` (stopped by the pruner: its value is an estimate) or ``fail``."""
+    return "pruned" if "pruned" in trial.user_attrs else trial.state.name.lower()
 
-    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+
+def score_of(trial: Any) -> float | None:
+    """A trial's objective over all examples, or None (failed, or pruned)."""
+    return trial.value if state_of(trial) == "complete" else None
+
+
+def best_trial(trials: list[Any]) -> Any | None:
+    """The reported best: the highest held-out score among trials that have one, else the highest score (pruned
+    trials never)."""
+    complete = [t for t in trials if score_of(t) is not None]
     validated = [t for t in complete if "validation" in t.user_attrs]
     if validated:
         return max(validated, key=lambda t: (t.user_attrs["validation"], t.value))
@@ -378,29 +409,37 @@ def _write(path: Path, text: str | bytes) -> None:
     os.replace(tmp, path)
 
 
-def write_trials_csv(path: Path, done: list[Any], population: int, space: SearchSpace) -> None:
-    """``trials.csv``: trial, generation, state, score, validation, hops, recipe, worker, error."""
+def write_trials_csv(path: Path, done: list[Any], population: int, space: SearchSpace,
+                     evaluators: list[str] = ()) -> None:
+    """``trials.csv``: trial, generation, state (complete, pruned, fail), score (the objective; for a pruned trial
+    the estimate from its examples), one column per evaluator when there are several (its score), validation,
+    hops, recipe, worker, error, examples (how many were scored: fewer for a pruned trial)."""
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow(["trial", "generation", "state", "score", "validation", "hops", "recipe", "worker", "error"])
+    names = list(evaluators) if len(evaluators) > 1 else []
+    writer.writerow(["trial", "generation", "state", "score", *names, "validation", "hops", "recipe", "worker",
+                     "error", "examples"])
     for i, t in enumerate(done):
         try:
             recipe = space.recipe(*space.decode(t.params))
             hops, text = len(recipe.hops), summary(recipe)
         except RecipeError:  # a candidate without any hop
             hops, text = 0, ""
-        writer.writerow([t.number, i // population, t.state.name.lower(),
-                         "" if t.value is None else f"{t.value:.6g}",
+        scores = t.user_attrs.get("scores", {})
+        writer.writerow([t.number, i // population, state_of(t), "" if t.value is None else f"{t.value:.6g}",
+                         *(f"{scores[n]:.6g}" if n in scores else "" for n in names),
                          f"{t.user_attrs['validation']:.6g}" if "validation" in t.user_attrs else "",
-                         hops, text, t.user_attrs.get("worker", ""), t.user_attrs.get("error", "")])
+                         hops, text, t.user_attrs.get("worker", ""), t.user_attrs.get("error", ""),
+                         t.user_attrs.get("examples", "")])
     _write(path, out.getvalue())
 
 
 def generation_stats(done: list[Any], population: int) -> list[tuple[int, float, float]]:
-    """(generation, best score so far, median score of the generation) for every full generation."""
+    """(generation, best score so far, median score of the generation's complete trials) for every full
+    generation."""
     rows, best = [], -math.inf
     for g in range(len(done) // population):
-        values = [t.value for t in done[g * population:(g + 1) * population] if t.value is not None]
+        values = [t.value for t in done[g * population:(g + 1) * population] if score_of(t) is not None]
         if values:
             best = max(best, max(values))
             rows.append((g, best, statistics.median(values)))
@@ -465,6 +504,14 @@ def write_plots(folder: Path, done: list[Any], population: int, space: SearchSpa
 # ---------------------------------------------------------------------------------------------------- worker
 
 
+class _Pruned(Exception):
+    """A candidate the pruner stopped; ``estimate``: the mean of the shares of the objective it reported."""
+
+    def __init__(self, estimate: float):
+        super().__init__(f"pruned, estimate {estimate:.6g}")
+        self.estimate = estimate
+
+
 @dataclass
 class Timing:
     """Where a worker's time went (seconds): evaluation (assembly + scoring) against the whole run."""
@@ -481,7 +528,7 @@ class _Worker:
         from .assemble import Sources
 
         self.config, self.space, self.study, self.out, self.quiet = config, space, study, out, quiet
-        self.search_eval, self.held_out = make_evaluators(config.evaluator, config.base)
+        self.evaluators = make_objective(config.evaluator, config.base, config.device)
         self.sources = Sources(config.sources, dtype=config.dtype, device=config.device, cache_dir=config.cache_dir)
         self.timing = Timing()
         self.failures: list[str] = []  # this worker's errors while it has had no success
@@ -504,11 +551,17 @@ class _Worker:
             recipe = self.space.recipe(mask, scales)
             model, tokenizer = assemble(recipe, sources=self.sources, dtype=self.config.dtype,
                                         device=self.config.device, cache_dir=self.config.cache_dir)
-            score = self.search_eval(model, tokenizer)
+            scores = self.score(trial, model, tokenizer)
+            score = self.evaluators.value(scores)
             if not math.isfinite(score):
                 raise FloatingPointError(f"the score is {score}")
-            if self.held_out is not None and score > self._best_value():
-                trial.set_user_attr("validation", self.held_out(model, tokenizer))
+            parts = self.evaluators.parts
+            if any(p.held_out is not None for p in parts) and score > self._best_value():
+                held_out = [s if p.held_out is None else p.held_out(model, tokenizer) for p, s in zip(parts, scores)]
+                trial.set_user_attr("validation", self.evaluators.value(held_out))
+        except _Pruned as pruned:
+            trial.set_user_attr("pruned", True)
+            return pruned.estimate
         except Exception as exc:  # a failing candidate is recorded as failed, never fatal to the search
             message = f"{type(exc).__name__}: {exc}"[:500]
             trial.set_user_attr("error", message)
@@ -524,11 +577,38 @@ class _Worker:
         self.succeeded = True
         return score
 
+    def score(self, trial: Any, model: Any, tokenizer: Any) -> list[float]:
+        """Each evaluator's score. With a pruner, every example's share of the objective is reported (step: its
+        index, counted across evaluators; value: its contribution times its evaluator's weight and ``total /
+        examples of the evaluator``, so that the mean of all is the objective) and, after each chunk but the last,
+        :class:`_Pruned` stops a candidate the pruner finds clearly worse than the best."""
+        parts = self.evaluators.parts
+        total, reported, scores = sum(len(p.search) for p in parts), [], []
+        for part in parts:
+            offset, scale = len(reported), part.weight * total / len(part.search)
+
+            def report(index: list[int], values: Any, part: Any = part, offset: int = offset, scale: float = scale
+                       ) -> None:
+                shares = (scale * part.search.contributions(index, values)).tolist()
+                reported.extend(shares)
+                if self.config.prune is None:
+                    return
+                for i, share in zip(index, shares):
+                    trial.report(share, offset + i)
+                if len(reported) < total and trial.should_prune():
+                    trial.set_user_attr("examples", len(reported))
+                    raise _Pruned(statistics.fmean(reported))
+
+            scores.append(part.search(model, tokenizer, on_chunk=report))
+        trial.set_user_attr("examples", total)
+        trial.set_user_attr("scores", dict(zip(self.evaluators.names, scores)))
+        return scores
+
     def _best_value(self) -> float:
         from optuna.trial import TrialState
 
-        values = [t.value for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
-        return max(values, default=-math.inf)
+        values = [score_of(t) for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+        return max((v for v in values if v is not None), default=-math.inf)
 
     def after_trial(self, study: Any, trial: Any) -> None:
         trials = study.get_trials(deepcopy=False)
@@ -547,15 +627,15 @@ class _Worker:
         if self.quiet:
             return
         population = self.config.population
-        values = [t.value for t in done[g * population:(g + 1) * population] if t.value is not None]
-        best = max((t.value for t in done[:(g + 1) * population] if t.value is not None), default=math.nan)
+        values = [t.value for t in done[g * population:(g + 1) * population] if score_of(t) is not None]
+        best = max((t.value for t in done[:(g + 1) * population] if score_of(t) is not None), default=math.nan)
         elapsed = time.perf_counter() - self.start
         rate = (len(done) - self.start_done) / elapsed if elapsed > 0 else 0.0
         eta = (self.config.trials - len(done)) / rate if rate > 0 else math.inf
-        failed = population - len(values)
+        states = [state_of(t) for t in done[g * population:(g + 1) * population]]
         line = (f"generation {g + 1}/{self.config.generations}: best {best:.5g}  median "
                 f"{statistics.median(values) if values else math.nan:.5g}  {rate:.2f} trials/s  ETA {_duration(eta)}"
-                + (f"  ({failed} failed)" if failed else ""))
+                + "".join(f"  ({states.count(s)} {s})" for s in ("pruned", "fail") if s in states))
         _print(line, self.bar)
 
     def write_best(self, trials: list[Any]) -> None:
@@ -568,7 +648,7 @@ class _Worker:
         self.best_number = best.number
 
     def write_outputs(self, done: list[Any], trials: list[Any], plots: bool = True) -> None:
-        write_trials_csv(self.out / "trials.csv", done, self.config.population, self.space)
+        write_trials_csv(self.out / "trials.csv", done, self.config.population, self.space, self.evaluators.names)
         if plots:
             write_plots(self.out, done, self.config.population, self.space, best_trial(trials))
             self.last_plot = time.perf_counter()

@@ -11,7 +11,8 @@ import pytest
 import torch
 from conftest import VOCAB, make_tiny_source, make_tiny_tokenizer
 
-from dfsmerge.evaluate import Choice, Generate, Loglik, load_jsonl, make_evaluators, perplexity, split_examples
+from dfsmerge.evaluate import (Choice, Generate, Loglik, load_jsonl, make_evaluators, make_objective, perplexity,
+                               speed_defaults, split_examples)
 from dfsmerge.recipe import RecipeError
 
 WORDS = [w for w in VOCAB if not w.startswith("<")]
@@ -187,3 +188,143 @@ def test_eval_command_compares_models(tmp_path, capsys):
         name, score, ppl = line.split()
         assert name == str(folder) and float(score) == pytest.approx(expected, rel=1e-4)
         assert float(ppl) == pytest.approx(math.exp(-expected), rel=1e-3)
+
+
+# ------------------------------------------------------------------------------------ chunks, head, objective
+
+
+def _choice_examples(n: int, seed: int) -> list[dict]:
+    gen = torch.Generator().manual_seed(seed)
+    pick = lambda k: " ".join(WORDS[int(j)] for j in torch.randint(0, len(WORDS), (k,), generator=gen))  # noqa: E731
+    return [{"prompt": pick(3 + i % 3), "choices": [" " + pick(1 + (i + k) % 3) for k in range(2 + i % 3)],
+             "answer": i % 2} for i in range(n)]
+
+
+def _full_logits_logprobs(model, ids: list[int]) -> torch.Tensor:
+    """``log p(ids[t+1] | ids[:t+1])`` from the whole model's logits on one unpadded row, float64."""
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0, :-1].double()
+    return torch.log_softmax(logits, -1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+
+
+@pytest.fixture(scope="module")
+def plain_and_dfs(tmp_path_factory):
+    """A tiny Llama as transformers loads it, and a DFS model of two of them assembled in memory (a repeated
+    layer, a scale)."""
+    from transformers import AutoModelForCausalLM
+
+    from dfsmerge.assemble import Sources, assemble
+    from dfsmerge.recipe import Hop, Recipe, Source, Transform
+
+    folder = tmp_path_factory.mktemp("head")
+    a, b = (make_tiny_source(folder / name, seed=seed) for name, seed in (("a", 12), ("b", 13)))
+    plain = AutoModelForCausalLM.from_pretrained(a, dtype=torch.float32).eval()
+    recipe = Recipe([Source(str(a)), Source(str(b))], [Hop(0, 0), Hop(1, 1), Hop(1, 1, Transform(0.7)), Hop(0, 3)],
+                    output_model=1)
+    return {"plain": plain, "dfs": assemble(recipe, Sources(dtype="float32"))[0]}
+
+
+@pytest.mark.parametrize("kind", ["plain", "dfs"])
+def test_the_head_runs_only_where_scored_and_scores_are_unchanged(plain_and_dfs, tokenizer, kind):
+    """Per-example log-likelihoods (loglik) and per-choice sums (choice) equal those of the whole model's logits
+    on each example alone, to 1e-5; the head sees exactly the scored positions."""
+    model = plain_and_dfs[kind]
+    texts, examples = _texts(9, seed=21), _choice_examples(7, seed=22)
+    expected_ll = [float(_full_logits_logprobs(model, tokenizer(t)["input_ids"]).mean()) for t in texts]
+    expected_sums, right = [], []
+    for example in examples:
+        prompt = tokenizer(example["prompt"])["input_ids"]
+        sums = []
+        for text in example["choices"]:
+            cont = tokenizer(text, add_special_tokens=False)["input_ids"]
+            sums.append(float(_full_logits_logprobs(model, prompt + cont)[-len(cont):].sum()))
+        expected_sums.append(sums + [-math.inf] * (4 - len(sums)))
+        right.append(max(range(len(sums)), key=sums.__getitem__) == example["answer"])
+
+    rows: list[int] = []  # positions the head is applied to, per call
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, i, o: rows.append(i[0].shape[0]))
+    try:
+        chunks = list(Loglik([{"text": t} for t in texts], batch_size=4, chunk_size=5).chunks(model, tokenizer))
+        assert sum(rows) == sum(len(tokenizer(t)["input_ids"]) - 1 for t in texts)  # every token but the last
+        rows.clear()
+        choice = Choice(examples, batch_size=3, chunk_size=3)
+        accuracy = choice(model, tokenizer)
+        assert sum(rows) == sum(len(tokenizer(c, add_special_tokens=False)["input_ids"]) for e in examples
+                                for c in e["choices"])  # the choices' tokens only
+    finally:
+        hook.remove()
+    for index, values in chunks:
+        assert values.tolist() == pytest.approx([expected_ll[i] for i in index], abs=1e-5)
+    torch.testing.assert_close(choice.last_logliks, torch.tensor(expected_sums, dtype=torch.float64), atol=1e-5, rtol=0)
+    assert accuracy == pytest.approx(sum(right) / len(right))
+
+
+def test_chunks_cover_every_example_once_and_aggregate_to_the_score(tokenizer):
+    model = Bigram(seed=5)
+    texts = _texts(23, seed=6)
+    evaluator = Loglik([{"text": t} for t in texts], batch_size=4, chunk_size=5)
+    chunks = list(evaluator.chunks(model, tokenizer))
+    assert [len(index) for index, _ in chunks] == [5, 5, 5, 5, 3]
+    assert sorted(i for index, _ in chunks for i in index) == list(range(23))
+    assert [index for index, _ in chunks] == [index for index, _ in evaluator.chunks(model, tokenizer)]  # fixed
+    assert [index for index, _ in chunks][0] != [0, 1, 2, 3, 4]  # a random sample, not the file's first lines
+    total, count = 0.0, 0
+    for index, values in chunks:
+        for i, value in zip(index, values.tolist()):
+            ids = tokenizer(texts[i])["input_ids"]
+            logprobs = [model.logprob(a, b) for a, b in zip(ids, ids[1:])]
+            assert value == pytest.approx(sum(logprobs) / len(logprobs), abs=1e-5)
+            total, count = total + sum(logprobs), count + len(logprobs)
+    assert evaluator(model, tokenizer) == pytest.approx(total / count, abs=1e-6)
+    model.train()
+    stopped = evaluator.chunks(model, tokenizer)
+    next(stopped)
+    assert not model.training
+    stopped.close()  # a pruned candidate: the rest is never scored, the mode comes back
+    assert model.training
+
+
+def test_weighted_objective_normalises_the_weights(tmp_path, tokenizer):
+    texts = _texts(6, seed=7)
+    (tmp_path / "wiki.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    (tmp_path / "quiz.jsonl").write_text('{"prompt": "the cat", "choices": [" is", " red"], "answer": 0}\n')
+    objective = make_objective([{"type": "loglik", "data": "wiki.jsonl", "weight": 3, "validation": 0},
+                                {"type": "choice", "data": "quiz.jsonl", "name": "q", "validation": 0}], tmp_path)
+    assert objective.names == ["wiki", "q"]
+    assert [p.weight for p in objective.parts] == [0.75, 0.25]
+    model = Bigram(seed=8)
+    ll = []
+    for text in texts:
+        ids = tokenizer(text)["input_ids"]
+        ll += [model.logprob(a, b) for a, b in zip(ids, ids[1:])]
+    is_red = model.logprob(VOCAB["cat"], VOCAB["red"]) > model.logprob(VOCAB["cat"], VOCAB["is"])
+    expected = [sum(ll) / len(ll), 0.0 if is_red else 1.0]
+    scores = [p.search(model, tokenizer) for p in objective.parts]
+    assert scores == pytest.approx(expected, abs=1e-6)
+    assert objective.value(scores) == pytest.approx(0.75 * expected[0] + 0.25 * expected[1], abs=1e-6)
+    single = make_objective({"type": "loglik", "data": "wiki.jsonl"}, tmp_path)
+    assert single.names == ["wiki"] and single.parts[0].weight == 1.0 and len(single.parts[0].held_out) == 1
+
+
+@pytest.mark.parametrize("spec, message", [
+    ([], "evaluators: expected a list of evaluator mappings"),
+    ([{"type": "loglik", "data": "d.jsonl", "weight": 0}], "evaluators[0].weight: expected a number > 0"),
+    ([{"type": "loglik", "data": "d.jsonl"}, {"type": "loglik", "data": "d.jsonl"}],
+     "evaluators[1].name: expected a name no other evaluator has, got 'd'"),
+    ([{"type": "loglik", "data": "d.jsonl"}, {"type": "bleu"}], "evaluators[1].type: expected one of"),
+    ([{"type": "loglik", "data": "d.jsonl", "chunk_size": 0}], "evaluators[0].chunk_size: expected an integer"),
+])
+def test_objective_errors_name_the_evaluator(tmp_path, spec, message):
+    (tmp_path / "d.jsonl").write_text('{"text": "a"}\n{"text": "b"}\n')
+    with pytest.raises(RecipeError) as err:
+        make_objective(spec, tmp_path)
+    assert message in str(err.value)
+
+
+def test_speed_defaults_follow_the_device(tmp_path):
+    (tmp_path / "d.jsonl").write_text('{"text": "a"}\n')
+    cpu, _ = make_evaluators({"type": "loglik", "data": "d.jsonl"}, tmp_path, device="cpu")
+    gpu, _ = make_evaluators({"type": "loglik", "data": "d.jsonl"}, tmp_path, device="cuda:0")
+    assert (cpu.batch_size, cpu.chunk_size, cpu.max_length) == (8, 32, 1024)
+    assert (gpu.batch_size, gpu.chunk_size, gpu.max_length) == (32, 128, 1024)
+    assert speed_defaults("cpu")["dtype"] == "float32" and speed_defaults("cuda")["dtype"] == "bfloat16"

@@ -87,6 +87,8 @@ def test_the_issue_example_parses_as_written(tmp_path):
     ({"models": "A"}, "models: expected a list"),
     ({"evaluator": {"type": "loglik", "data": "nope.jsonl"}}, "evaluator.data: cannot read"),
     ({"dtype": "int8"}, "dtype: expected bfloat16, float16 or float32"),
+    ({"evaluators": [{"type": "loglik", "data": "data.jsonl"}]}, "evaluator: expected either `evaluator:`"),
+    ({"search": {"prune": 2}}, "search.prune: expected true, false or a p-value threshold in (0, 1)"),
 ])
 def test_search_file_errors_name_the_field(tmp_path, change, message):
     (tmp_path / "data.jsonl").write_text('{"text": "a b"}\n')
@@ -197,6 +199,82 @@ def test_the_search_finds_a_planted_recipe(tmp_path, pair):
     for name in ("best_recipe_native.yml", "progress.png", "best_recipe.png"):
         assert (tmp_path / "run" / name).stat().st_size > 0
     assert score(load_recipe(tmp_path / "run" / "best_recipe_native.yml")) == pytest.approx(found, abs=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------- objective
+
+
+def _rows(run: Path) -> list[dict]:
+    import csv
+
+    with (run / "trials.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_weak_candidates_are_pruned_recorded_and_never_best(tmp_path, pair):
+    """Text sampled from source A: candidates clearly worse than the best so far on the first chunks are
+    stopped there with an estimate (the mean of what they reported); they are marked in trials.csv with the
+    examples they cost, and the best is a trial scored in full, even where an estimate is higher."""
+    from transformers import AutoModelForCausalLM
+
+    from dfsmerge.evolve import best_trial
+
+    teacher = AutoModelForCausalLM.from_pretrained(pair[0], dtype=torch.float32)
+    _write_texts(tmp_path / "data.jsonl", _sample(teacher, 40, 12, seed=3))
+    search = _search_file(tmp_path, pair, population=4, generations=4)
+    doc = yaml.safe_load(search.read_text())
+    doc["evaluator"].update(chunk_size=4, validation=0)
+    search.write_text(yaml.safe_dump(doc))
+    evolve(load_search(search), tmp_path / "run", quiet=True)
+    trials = _study(f"sqlite:///{tmp_path / 'run' / 'study.db'}", "run").get_trials()
+    rows = {int(r["trial"]): r for r in _rows(tmp_path / "run")}
+    pruned = [t for t in trials if t.user_attrs.get("pruned")]
+    full = [t for t in trials if not t.user_attrs.get("pruned")]
+    assert pruned and full and len(rows) == 16
+    for t in pruned:
+        row, examples = rows[t.number], int(rows[t.number]["examples"])
+        assert row["state"] == "pruned" and examples % 4 == 0 and 4 <= examples < 40
+        assert len(t.intermediate_values) == examples  # each example scored was reported once
+        assert t.value == pytest.approx(sum(t.intermediate_values.values()) / examples)  # the estimate
+    for t in full:  # the mean of the reported shares is the score
+        assert rows[t.number]["state"] == "complete" and rows[t.number]["examples"] == "40"
+        assert t.value == pytest.approx(sum(t.intermediate_values.values()) / 40, rel=1e-9)
+    best = best_trial(trials)
+    assert best in full and best.value == max(t.value for t in full)
+    space = SearchSpace(load_search(search))
+    assert (tmp_path / "run" / "best_recipe.yml").read_text() == space.dump(*space.decode(best.params))[0]
+    # an estimate above every full score (as a lucky first chunk could give) still is no best
+    pruned[0].value = best.value + 1.0
+    assert best_trial(trials) is best
+
+
+def test_several_evaluators_make_one_weighted_objective(tmp_path, pair):
+    """`evaluators:` with weights 3 and 1: trials.csv holds each score, the trial's score is 0.75 a + 0.25 b,
+    and each score is the evaluator's own on the trial's recipe."""
+    from dfsmerge.assemble import Sources, assemble
+    from dfsmerge.evaluate import Loglik
+
+    texts = {"a": ["the cat is on the tree", "a dog and a bird", "one fish two fish"],
+             "b": ["the sun and the moon", "red blue green", "it was big and old", "run walk swim fly"]}
+    for name, lines in texts.items():
+        _write_texts(tmp_path / f"{name}.jsonl", lines)
+    search = _search_file(tmp_path, pair, population=4, generations=1, prune=False)
+    doc = yaml.safe_load(search.read_text())
+    del doc["evaluator"]
+    doc["evaluators"] = [{"type": "loglik", "data": "a.jsonl", "weight": 3, "validation": 0},
+                         {"type": "loglik", "data": "b.jsonl", "name": "other", "validation": 0}]
+    search.write_text(yaml.safe_dump(doc))
+    evolve(load_search(search), tmp_path / "run", quiet=True)
+    rows = _rows(tmp_path / "run")
+    assert list(rows[0])[:6] == ["trial", "generation", "state", "score", "a", "other"]
+    sources = Sources([Source(str(p)) for p in pair], dtype="float32")
+    space = SearchSpace(load_search(search))
+    trials = {t.number: t for t in _study(f"sqlite:///{tmp_path / 'run' / 'study.db'}", "run").get_trials()}
+    for row in rows:
+        model, tokenizer = assemble(space.recipe(*space.decode(trials[int(row["trial"])].params)), sources)
+        a, b = (Loglik([{"text": t} for t in texts[name]])(model, tokenizer) for name in ("a", "b"))
+        assert float(row["a"]) == pytest.approx(a, rel=1e-5) and float(row["other"]) == pytest.approx(b, rel=1e-5)
+        assert float(row["score"]) == pytest.approx(0.75 * a + 0.25 * b, rel=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------- workers
