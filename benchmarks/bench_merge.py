@@ -232,7 +232,8 @@ def main() -> None:
         for tool in tools:
             peak = statistics.median(p for _, p in runs[(workload, tool)])
             vs_mk = f"{wall[tool] / wall['mergekit']:11.2f}" if mergekit else f"{'':11}"
-            print(f"{workload:9} {tool:9} {wall[tool]:7.2f} {peak / 2**20:17.0f} {wall[tool] / wall['cp -r']:8.2f} {vs_mk}")
+            vs_cp = wall[tool] / wall["cp -r"]
+            print(f"{workload:9} {tool:9} {wall[tool]:7.2f} {peak / 2**20:17.0f} {vs_cp:8.2f} {vs_mk}")
     for workload in workloads:
         drop_output(work / f"ref_{workload}")
 

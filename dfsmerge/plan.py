@@ -32,7 +32,7 @@ STORED_LAYER = "model.dfs_layers.{u}."  # compact layout: stored layer u's tenso
 HOP_TRANSFORM = "model.dfs_transforms.{k}."  # compact layout: hop k's ``scale`` / ``bias``
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-_CHUNK_ELEMENTS = 1 << 24  # rows are transformed in chunks of about 64 MB of float32
+_CHUNK_ELEMENTS = 1 << 22  # rows are transformed in chunks of about 16 MB of float32
 
 
 def dtype_name(value: str | torch.dtype) -> str:

@@ -5,7 +5,8 @@ Every shape is known from the plan before the first byte is written, so each sha
 written first and the tensors' bytes are streamed after it. A tensor the output takes unchanged (no fold, same
 dtype) whose bytes lie in a source file goes file to file in the kernel (``os.copy_file_range``, which reflinks
 where the filesystem can) without passing through Python; every other tensor is computed and written in row
-chunks of at most about 64 MB, so memory does not grow with the model.
+chunks of at most about 16 MB, so memory does not grow with the model. (Small pieces also keep the peak low:
+glibc's malloc serves blocks below its dynamic mmap threshold, up to 32 MiB, from a heap it rarely shrinks.)
 """
 
 from __future__ import annotations
@@ -155,7 +156,7 @@ def write_tensors(
 
 def _write_chunks(f, chunks: Iterator[torch.Tensor], dtype: torch.dtype) -> int:
     """Write computed (or converted) chunks as ``dtype``. A large chunk (a whole copied tensor) is converted a
-    piece at a time, so at most about 64 MB of it is in memory. Returns the bytes written."""
+    piece at a time, so at most about 16 MB of it is in memory. Returns the bytes written."""
     written = 0
     for chunk in chunks:
         for piece in chunk.reshape(-1).split(_PIECE_ELEMENTS):
@@ -164,7 +165,7 @@ def _write_chunks(f, chunks: Iterator[torch.Tensor], dtype: torch.dtype) -> int:
     return written
 
 
-_PIECE_ELEMENTS = 1 << 24  # converted pieces of 64 MB of float32
+_PIECE_ELEMENTS = 1 << 22  # converted pieces of 16 MB of float32
 _NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP}  # as shutil falls back on
 
 
