@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import atexit
 import copy
+import inspect
 import logging
 import shutil
 import tempfile
@@ -146,6 +147,8 @@ def _hf_names(reader, config: dict) -> tuple[dict[str, str], Any]:
     processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=config)
     with torch.device("meta"):  # allocates nothing: only the parameter names are needed
         skeleton = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config))
+    if "processor" not in inspect.signature(get_gguf_hf_weights_map).parameters:  # transformers 4.x: no processor
+        return get_gguf_hf_weights_map(skeleton), processor
     return get_gguf_hf_weights_map(skeleton, processor), processor
 
 
