@@ -4,9 +4,9 @@
 Prints the peak anonymous memory (RssAnon sampled every 5 ms: what the process allocated, mmapped file pages
 excluded) above what the process held after its imports, against the size of the bfloat16 model, and the peak
 resident set (VmHWM, which also counts the mmapped float32 file pages the load touched: clean page cache the
-kernel can drop). Twice: with
-``sources.py`` reading safetensors as it does (zero-copy views of the memory-mapped file) and with safetensors'
-``pread`` backend, where every read returns a tensor of its own, as a GGUF source's dequantized tensors are.
+kernel can drop). Twice: with ``sources.py`` opening safetensors as it does (memory-mapped) and with
+safetensors' ``pread`` backend, where every ``get`` returns a tensor of its own, as a GGUF source's dequantized
+tensors are (a loader that collects a state dict first then holds every one of them).
 
     python benchmarks/bench_sources.py [--workdir /tmp/dfsbench-sources] [--root CHECKOUT ...] [--rounds 3]
 

@@ -32,9 +32,10 @@ class Sources:
     candidates does no I/O. Configs are read when a source is first named, weights when a candidate first needs
     them; local folders, hub IDs and GGUF files are found as ``merge`` finds them.
 
-    A source is read tensor by tensor, each tensor converted to ``dtype`` on its device as it is read: the
-    process never holds a second copy of a model (a float32 file loaded as bfloat16 peaks at the bfloat16 model
-    plus one float32 tensor; ``benchmarks/bench_sources.py``). ``device`` is one device (``"cpu"``,
+    A source is read tensor by tensor, each tensor converted to ``dtype`` on its device as it is read
+    (``Checkpoint.get_as``): the process never holds a second copy of a model (a float32 file loaded as bfloat16
+    peaks at the bfloat16 model plus a 64 MB piece; ``benchmarks/bench_sources.py``), and a tensor that needs
+    no conversion stays a zero-copy view of the mapped file. ``device`` is one device (``"cpu"``,
     ``"cuda:1"``), a list of devices that the sources take in turn as they are loaded (round robin), or
     ``"auto"``: each source on the CUDA device with the most free memory when it is loaded (the CPU when there is
     none). A candidate over sources on several devices moves its hidden states at the hops that change device.
@@ -120,7 +121,7 @@ def _devices(device: str | torch.device | Sequence[str]) -> list[torch.device]:
 def model_from_checkpoint(cls: type, config: Any, checkpoint: Checkpoint, dtype: torch.dtype,
                           device: torch.device) -> Any:
     """``cls(config)`` (a transformers model) holding ``checkpoint``'s tensors, each converted to ``dtype`` (a
-    floating tensor) on ``device`` as it is read. The model is built on the meta device, so nothing is allocated
+    floating tensor) on ``device`` as it is read (``Checkpoint.get_as``). The model is built on the meta device, so nothing is allocated
     before the tensors arrive; the modules whose buffers are not in checkpoints (the rotary embedding's inverse
     frequencies) are built again on ``device`` from the config. An untied head missing from the checkpoint is a
     RecipeError naming the tensor; a tied one is tied. Returns the model in eval mode."""
@@ -132,9 +133,7 @@ def model_from_checkpoint(cls: type, config: Any, checkpoint: Checkpoint, dtype:
     for name in model.state_dict():
         if name in tied and name not in checkpoint:
             continue
-        tensor = checkpoint.get(name)
-        state[name] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None)
-        del tensor  # a tensor the checkpoint made for this call (a dequantized GGUF tensor) is freed here
+        state[name] = checkpoint.get_as(name, dtype, device)
     model.load_state_dict(state, strict=False, assign=True)
     for name, module in list(model.named_modules()):
         if any(b.is_meta for b in module.buffers(recurse=False)):

@@ -118,6 +118,30 @@ class Checkpoint:
         """Where tensor ``name`` lies in a file as :meth:`get` returns it; None when it is not stored as is."""
         return self._stored.get(name)
 
+    def get_as(self, name: str, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Tensor ``name`` as ``dtype`` (a floating tensor; others keep theirs) on ``device``, like
+        ``get(name).to(device, dtype)``: the zero-copy view when that changes nothing. A tensor that is converted
+        or moved and lies in a file is read from it in pieces of about 64 MB into the new tensor, so neither a
+        second whole copy of it nor the file's pages stay in memory (a mapped view's pages would, until the
+        checkpoint is closed)."""
+        stored = self.stored(name)
+        if stored is None:
+            tensor = self.get(name)
+            return tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None)
+        target = dtype if stored.dtype.is_floating_point else stored.dtype
+        if target == stored.dtype and torch.device(device) == torch.device("cpu"):
+            return self.get(name)
+        out = torch.empty(stored.shape, dtype=target, device=device)
+        flat, step = out.view(-1), max(1, _READ_PIECE_BYTES // stored.dtype.itemsize)
+        piece = torch.empty(min(step, flat.numel()), dtype=stored.dtype)
+        with open(stored.path, "rb", buffering=0) as f:
+            f.seek(stored.offset)
+            for start in range(0, flat.numel(), step):
+                part = piece[:min(step, flat.numel() - start)]
+                _read_exactly(f, memoryview(part.view(torch.uint8).numpy()), stored.path)
+                flat[start:start + part.numel()].copy_(part)
+        return out
+
     def tokenizer_files(self) -> list[Path]:
         if self.folder is None:
             return []
@@ -159,6 +183,19 @@ def _safetensors_layout(file: Path) -> dict[str, StoredBytes]:
             begin, end = info["data_offsets"]
             ranges[name] = StoredBytes(file, 8 + length + begin, end - begin, dtype, tuple(info["shape"]))
     return ranges
+
+
+_READ_PIECE_BYTES = 64 << 20
+
+
+def _read_exactly(f, buffer: memoryview, path: Path) -> None:
+    """Fill ``buffer`` from the unbuffered file ``f``; RecipeError when the file ends first."""
+    done = 0
+    while done < len(buffer):
+        n = f.readinto(buffer[done:])
+        if not n:
+            raise RecipeError(f"{path}: the file ends before the tensor data its header describes")
+        done += n
 
 
 def _read(handle, name: str, file: Path) -> torch.Tensor:

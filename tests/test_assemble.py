@@ -377,3 +377,25 @@ def test_missing_tensor_is_named(llama_sources, tmp_path):
     save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(RecipeError, match="tensor 'model.layers.2.mlp.up_proj.weight' is missing"):
         Sources(dtype="float32").model(str(broken))
+
+
+def test_checkpoint_get_as_reads_converted_tensors_from_the_file(llama_sources, sharded_bf16_llama_source,
+                                                                  monkeypatch):
+    """``get_as`` is ``get(name).to(device, dtype)``, bit for bit: the zero-copy view when nothing changes, and
+    otherwise a new tensor read from the file in pieces (made small here, so that tensors span several)."""
+    from dfsmerge.sources import open_checkpoint, read_config
+
+    module = sys.modules["dfsmerge.sources"]
+    monkeypatch.setattr(module, "_READ_PIECE_BYTES", 1000)
+    for path in (llama_sources[0], sharded_bf16_llama_source):
+        source = Source(str(path))
+        checkpoint = open_checkpoint(source, read_config(source))
+        for name in checkpoint.names():
+            view = checkpoint.get(name)
+            for dtype in (torch.bfloat16, torch.float32, torch.float16):
+                got = checkpoint.get_as(name, dtype)
+                assert got.dtype == dtype and torch.equal(got, view.to(dtype)), (path.name, name, dtype)
+                if dtype == view.dtype:
+                    assert got.data_ptr() == view.data_ptr()  # the same mapped bytes, not a copy
+                else:
+                    assert checkpoint.stored(name) is not None and got.data_ptr() != view.data_ptr()
