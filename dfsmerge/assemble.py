@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .families import family_of
-from .plan import DTYPES, compact_plan, dtype_name, is_classifier
+from .plan import DTYPES, check_device, compact_plan, dtype_name, is_classifier
 from .recipe import Recipe, RecipeError, Source, Transform, load_recipe
 from .sources import Checkpoint, open_checkpoint, read_config
 
@@ -103,19 +103,7 @@ def _devices(device: str | torch.device | Sequence[str]) -> list[torch.device]:
     names = [device] if isinstance(device, (str, torch.device)) else list(device)
     if not names:
         raise RecipeError("device: expected a device, a list of devices or 'auto', got an empty list")
-    devices = []
-    for name in names:
-        try:
-            parsed = torch.device(name)
-        except (RuntimeError, TypeError):
-            raise RecipeError(f"device: expected cpu, cuda, cuda:N (or a list of them, or 'auto'), got {name!r}"
-                              ) from None
-        if parsed.type == "cuda":
-            count = torch.cuda.device_count()
-            if not count or (parsed.index or 0) >= count:
-                raise RecipeError(f"device: {name!r} is not on this machine, which has {count} CUDA device(s)")
-        devices.append(parsed)
-    return devices
+    return [torch.device(check_device(name)) for name in names]
 
 
 def model_from_checkpoint(cls: type, config: Any, checkpoint: Checkpoint, dtype: torch.dtype,

@@ -24,7 +24,8 @@ def cmd_merge(args: argparse.Namespace) -> None:
     from .merge import merge
 
     out = merge(args.recipe, args.output, dtype=args.dtype, device=args.device, max_shard_size=args.max_shard_size,
-                force=args.force, quiet=args.quiet, cache_dir=args.cache_dir, format=args.format)
+                force=args.force, quiet=args.quiet, cache_dir=args.cache_dir, format=args.format,
+                allow_overflow=args.allow_overflow)
     if not args.quiet:
         print(f"wrote {out}")
 
@@ -33,7 +34,7 @@ def cmd_flatten(args: argparse.Namespace) -> None:
     from .flatten import flatten
 
     out = flatten(args.input, args.output, dtype=args.dtype, max_shard_size=args.max_shard_size, force=args.force,
-                  quiet=args.quiet, cache_dir=args.cache_dir)
+                  quiet=args.quiet, cache_dir=args.cache_dir, allow_overflow=args.allow_overflow)
     if not args.quiet:
         print(f"wrote {out}")
 
@@ -102,8 +103,12 @@ SEARCH_EXAMPLE = """example search.yml:
 
 def cmd_evolve(args: argparse.Namespace) -> None:
     from .evolve import evolve, load_search
+    from .writer import check_target
 
-    result = evolve(load_search(args.search), args.out, storage=args.storage, study_name=args.study,
+    search = load_search(args.search)
+    if args.merge_best:  # checked now, not after the search
+        check_target(args.merge_best, False, [s.path for s in search.sources] + [args.out])
+    result = evolve(search, args.out, storage=args.storage, study_name=args.study,
                     merge_best=args.merge_best, quiet=args.quiet)
     held_out = "" if result.best_validation is None else f", held-out {result.best_validation:.5g}"
     print(f"{result.done} trials; best score {result.best_score:.5g}{held_out}: {result.best_recipe}")
@@ -113,7 +118,9 @@ def cmd_evolve(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from .evaluate import Loglik, load_model, make_evaluators, speed_defaults
+    from .plan import check_device
 
+    check_device(args.device)  # before any data or weight is read
     defaults = speed_defaults(args.device)
     spec: dict = {"validation": 0, "batch_size": args.batch_size or defaults["batch_size"]}
     if args.evaluator.startswith("python:"):
@@ -152,7 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--device", default="cpu", help="device for the folding math (cpu, cuda)")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
-    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--force", action="store_true", help="replace a previous output folder (never a source)")
+    p.add_argument("--allow-overflow", action="store_true", help="write values beyond the output dtype's range "
+                   "as +-inf instead of stopping")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--format", default="flat", choices=["flat", "compact"],
                    help="flat (default): a plain model, one layer per hop; compact: each source layer stored once, "
@@ -167,7 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output dtype (default: the input's)")
     p.add_argument("--cache-dir", default=None, help="Hugging Face cache folder for a hub input")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
-    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--force", action="store_true", help="replace a previous output folder (never the input)")
+    p.add_argument("--allow-overflow", action="store_true", help="write values beyond the output dtype's range "
+                   "as +-inf instead of stopping")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_flatten)
 
@@ -216,21 +227,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line; returns the exit status."""
+    """Run the command line; returns the exit status. An input problem prints one line
+    ``error: <where>: <what was expected>`` and returns 2 (``--debug`` raises it instead, with its traceback);
+    Ctrl-C returns 130 and SIGTERM 143, after the same cleanup."""
     args = build_parser().parse_args(argv)
     quiet = getattr(args, "quiet", False)
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
     func: Callable[[argparse.Namespace], None] = args.func
     from .recipe import RecipeError
+    from .writer import Terminated, sigterm_as_interrupt
 
     try:
-        func(args)
-    except (RecipeError, FileExistsError) as exc:
+        with sigterm_as_interrupt():
+            func(args)
+    except (RecipeError, OSError) as exc:
         if args.debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        print("terminated" if isinstance(exc, Terminated) else "interrupted", file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
     return 0
+
+
+def _one_line(exc: Exception) -> str:
+    """A :class:`RecipeError`'s message (already one line), or ``<file>: <reason>`` for a system error."""
+    from .recipe import RecipeError
+
+    if isinstance(exc, OSError) and not isinstance(exc, RecipeError):
+        return str(RecipeError(f"{exc.filename or 'I/O'}: {exc.strerror or exc}"))
+    return str(exc)

@@ -29,17 +29,19 @@ import math
 import random
 import re
 import sys
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from .families import FAMILIES
 from .lm_eval_bridge import HarnessTasks, harness_model, harness_tasks
-from .plan import DTYPES, dtype_name
-from .recipe import RecipeError
+from .plan import DTYPES, check_device, dtype_name
+from .recipe import RecipeError, brief
 
 __all__ = ["Evaluator", "Chunk", "Loglik", "Choice", "Generate", "LmEval", "PythonEvaluator", "Objective",
            "WeightedEvaluator", "load_jsonl", "split_examples", "make_evaluators", "make_objective",
@@ -57,31 +59,59 @@ def speed_defaults(device: str) -> dict[str, Any]:
     return {"batch_size": 8 if cpu else 32, "dtype": "float32" if cpu else "bfloat16", "max_length": 1024}
 
 
-def load_jsonl(path: str | Path, max_examples: int | None = None, required: Sequence[str] = (),
-               where: str = "evaluator") -> list[dict]:
-    """The first ``max_examples`` JSON objects of a JSONL file (blank lines skipped); each must have the
-    ``required`` keys. ``where`` names the evaluator in errors."""
+def load_jsonl(path: str | Path, max_examples: int | None = None,
+               required: Sequence[str] | Mapping[str, Any] = (), where: str = "evaluator") -> list[dict]:
+    """The first ``max_examples`` JSON objects of a UTF-8 JSONL file (blank lines skipped). ``required`` names
+    the keys each must have, or maps them to their types (``str``, ``int | str``, ``list[str]``: a non-empty
+    list). Every problem is a :class:`RecipeError` at ``file:line`` (``where`` names the evaluator otherwise),
+    found when the file is read, before any candidate runs."""
     examples: list[dict] = []
     try:
-        lines = Path(path).read_text().splitlines()
+        lines = Path(path).read_bytes().split(b"\n")
     except OSError as exc:
         raise RecipeError(f"{where}.data: cannot read {path}: {exc.strerror}") from None
-    for number, line in enumerate(lines, 1):
+    kinds = dict(required) if isinstance(required, Mapping) else dict.fromkeys(required, object)
+    for number, raw in enumerate(lines, 1):
         if max_examples is not None and len(examples) >= max_examples:
             break
-        if not line.strip():
+        if not raw.strip():
             continue
         try:
-            example = json.loads(line)
+            example = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise RecipeError(f"{path}:{number}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at column "
+                              f"{exc.start + 1})") from None
         except json.JSONDecodeError as exc:
-            raise RecipeError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-        missing = [k for k in required if not isinstance(example, dict) or k not in example]
+            raise RecipeError(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+        except (RecursionError, ValueError) as exc:  # deep nesting; integers beyond the str conversion limit
+            raise RecipeError(f"{path}:{number}: not a JSON line dfsmerge can read ({type(exc).__name__})") from None
+        if kinds and not isinstance(example, dict):  # a python evaluator takes any JSON value
+            raise RecipeError(f"{path}:{number}: expected a JSON object with keys {list(kinds)}, got "
+                              f"{type(example).__name__}")
+        missing = [k for k in kinds if k not in example]
         if missing:
-            raise RecipeError(f"{path}:{number}: expected keys {list(required)}, missing {missing}")
+            raise RecipeError(f"{path}:{number}: expected keys {list(kinds)}, missing {missing}")
+        for key, kind in kinds.items():
+            if not _fits(example[key], kind):
+                raise RecipeError(f"{path}:{number}: {key}: expected {_type_name(kind)}, got {brief(example[key])}")
         examples.append(example)
     if not examples:
         raise RecipeError(f"{where}.data: {path} holds no examples")
     return examples
+
+
+def _fits(value: Any, kind: Any) -> bool:
+    """``isinstance`` for ``str``, ``int | str``, ``list[str]`` (non-empty); a bool is not a number here."""
+    if typing.get_origin(kind) is list:
+        item = typing.get_args(kind)[0]
+        return isinstance(value, list) and bool(value) and all(_fits(v, item) for v in value)
+    kinds = typing.get_args(kind) if isinstance(kind, types.UnionType) else (kind,)
+    return isinstance(value, kinds) and (bool in kinds or object in kinds or not isinstance(value, bool))
+
+
+def _type_name(kind: Any) -> str:
+    return getattr(kind, "__name__", None) if typing.get_origin(kind) is None and not isinstance(
+        kind, types.UnionType) else str(kind)
 
 
 def split_examples(examples: list, validation: float | int, seed: int = 0, where: str = "evaluator"
@@ -430,7 +460,8 @@ def _import_function(spec: Any, base: Path, where: str) -> Callable:
     return function
 
 
-_REQUIRED = {"loglik": ("text",), "choice": ("prompt", "choices", "answer"), "generate": ("prompt", "answer")}
+_REQUIRED = {"loglik": {"text": str}, "choice": {"prompt": str, "choices": list[str], "answer": int | str},
+             "generate": {"prompt": str, "answer": str | int | float}}
 _COMMON_KEYS = ("type", "name", "weight", "validation", "batch_size", "max_length", "chunk_size")
 _KEYS = {
     "loglik": ("data", "max_examples"),
@@ -599,7 +630,7 @@ def load_model(target: str, dtype: str | torch.dtype = "float32", device: str = 
                ) -> tuple[torch.nn.Module, Any]:
     """What ``dfsmerge eval`` scores: a model folder (``from_pretrained``), a recipe file (assembled in memory)
     or any other source a recipe may name (a ``.gguf`` file, a hub ID: run as the identity recipe)."""
-    dtype = dtype_name(dtype)
+    dtype, device = dtype_name(dtype), check_device(device)
     path = Path(target)
     if (path / "config.json").is_file():
         from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -353,6 +353,10 @@ def open_study(config: SearchConfig, space: SearchSpace, storage: str, study_nam
                     storage, engine_kwargs=engine_kwargs, heartbeat_interval=max(1, config.heartbeat // 5),
                     grace_period=config.heartbeat, heartbeat_stale_trial_callback=_retry_once)
             break
+        except ImportError as exc:  # the URL's database driver is not installed (Optuna re-raises SQLAlchemy's)
+            driver = exc.name or getattr(exc.__cause__, "name", None) or "module"
+            extra = "pip install 'dfsmerge[postgres]'" if storage.startswith("postgresql") else f"install {driver}"
+            raise RecipeError(f"storage {storage}: its database driver {driver} is not installed ({extra})") from None
         except sqlalchemy.exc.SQLAlchemyError as exc:  # also: workers creating a new database's tables at once
             if attempt == 4:
                 raise RecipeError(f"storage {storage}: cannot open it: {exc}") from None

@@ -117,9 +117,10 @@ def _in_memory(model: Any) -> tuple[Recipe, Checkpoint]:
 
 
 def _write_flat(folder: Path, recipe: Recipe, virtual: Checkpoint, dtype: str, max_shard_size: str | int,
-                progress: bool) -> Plan:
+                progress: bool, allow_overflow: bool = False) -> Plan:
     plan = make_plan(recipe, [virtual.config], dtype)
-    write_tensors(folder, plan.tasks, lambda m, name: virtual.get(name), dtype, max_shard_size, progress=progress)
+    write_tensors(folder, plan.tasks, lambda m, name: virtual.get(name), dtype, max_shard_size, progress=progress,
+                  allow_overflow=allow_overflow)
     return plan
 
 
@@ -133,16 +134,19 @@ def flatten(
     quiet: bool = False,
     cache_dir: str | None = None,
     command: str | None = None,
+    allow_overflow: bool = False,
 ) -> Path:
     """Write a DFS checkpoint (see :func:`read_dfs_checkpoint`) as a plain folder of its family: one physical
-    layer per hop, transforms folded in. Streaming and atomic like ``merge``; ``dtype`` defaults to the input's."""
-    target = Path(output_path)
-    check_target(target, force)
+    layer per hop, transforms folded in. Streaming and atomic like ``merge`` (the output may not be, hold or lie
+    in the input); ``dtype`` defaults to the input's."""
     parse_size(max_shard_size)
+    target = check_target(output_path, force, [input_path])
     recipe, virtual = read_dfs_checkpoint(input_path, cache_dir)
     dtype = dtype_name(dtype or virtual.config.get("dtype") or virtual.config.get("torch_dtype") or "bfloat16")
-    with atomic_folder(target, force) as tmp:
-        plan = _write_flat(tmp, recipe, virtual, dtype, max_shard_size, progress=not quiet)
+    inputs = [input_path] + ([virtual.folder] if virtual.folder else [])
+    with atomic_folder(target, force, inputs) as tmp:
+        plan = _write_flat(tmp, recipe, virtual, dtype, max_shard_size, progress=not quiet,
+                           allow_overflow=allow_overflow)
         # the same model in another layout: it keeps the input's base models (and relation) when its card names
         # them (a compact folder made by dfsmerge), and otherwise derives from the input itself
         lineage = card_base_model(virtual.folder)

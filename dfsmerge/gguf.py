@@ -104,8 +104,8 @@ def _parse(path: str, size: int, mtime_ns: int) -> tuple[Any, dict]:
     try:
         reader = GGUFReader(path, "c")  # copy-on-write: tensors are writable views, the file is never written
         return reader, _config(reader)
-    except (ValueError, OSError, KeyError, IndexError) as exc:
-        raise RecipeError(f"{path}: cannot read the GGUF metadata: {exc}") from None
+    except Exception as exc:  # the gguf reader raises struct.error, ValueError, IndexError... on a damaged file
+        raise RecipeError(f"{path}: cannot read the GGUF metadata (a truncated or damaged file?): {exc}") from None
 
 
 def _config(reader) -> dict:

@@ -6,12 +6,11 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
-
 from .assemble import assemble
 from .merge import merge, plan_recipe
 from .plan import DTYPES, Plan, dtype_name
 from .recipe import Recipe, load_recipe, parse_recipe, recipe_from_legacy
+from .writer import check_target
 
 __all__ = ["dfs_execute_from_config", "dfs_excute_from_config", "data_flow_space_layer_merge"]
 
@@ -45,7 +44,7 @@ def _load(path: str | Path, dtype: str, device: str) -> tuple[Any, Any]:
     config = AutoConfig.from_pretrained(path)
     is_cls = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
     auto = AutoModelForSequenceClassification if is_cls else AutoModelForCausalLM
-    model = auto.from_pretrained(path, dtype=DTYPES[dtype]).to(device)
+    model = auto.from_pretrained(path, dtype=DTYPES[dtype_name(dtype)]).to(device)
     return model, AutoTokenizer.from_pretrained(path)
 
 
@@ -73,6 +72,7 @@ def data_flow_space_layer_merge(
     if save_only_config:
         plan = plan_recipe(recipe, dtype, cache_dir)
         if output_path is not None:
+            check_target(output_path, True, [s.path for s in recipe.sources])  # never into a source
             Path(output_path).mkdir(parents=True, exist_ok=True)
             (Path(output_path) / "config.json").write_text(json.dumps(plan.config, indent=2) + "\n")
         return plan

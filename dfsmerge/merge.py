@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .plan import Plan, compact_plan, dtype_name, make_plan
+from .plan import Plan, check_device, compact_plan, dtype_name, make_plan
 from .recipe import Recipe, RecipeError, load_recipe
 from .sources import Checkpoint, open_checkpoint, read_config
 from .writer import atomic_folder, check_target, parse_size, write_metadata, write_modeling_file, write_tensors
@@ -54,21 +54,27 @@ def merge(
     cache_dir: str | None = None,
     command: str | None = None,
     format: str = "flat",
+    allow_overflow: bool = False,
 ) -> Path:
     """Execute ``recipe`` into a plain ``*ForCausalLM`` / ``*ForSequenceClassification`` folder at
     ``output_path``, or with ``format="compact"`` into a compact DFS checkpoint (each used source layer stored
-    once; see ``plan.compact_plan``). Everything is validated before any weight is read; the folder appears
-    only when complete. ``dtype`` is a name (``"bfloat16"``) or a ``torch.dtype``."""
-    dtype = dtype_name(dtype)
-    target = Path(output_path)
-    check_target(target, force)
+    once; see ``plan.compact_plan``). Everything is validated before any weight is read (the output path against
+    the sources: see ``writer.check_target``); the folder appears only when complete. ``dtype`` is a name
+    (``"bfloat16"``) or a ``torch.dtype``; ``allow_overflow`` writes values beyond its range as +-inf instead of
+    stopping."""
+    dtype, device = dtype_name(dtype), check_device(device)
     parse_size(max_shard_size)
+    recipe = _as_recipe(recipe)
+    inputs = [s.path for s in recipe.sources]
+    target = check_target(output_path, force, inputs)
     plan = plan_recipe(recipe, dtype, cache_dir, format)
     checkpoints = open_sources(plan, cache_dir)
+    inputs += [c.folder for c in checkpoints if c is not None and c.folder is not None]
     log.info("merging %d hops from %d sources into %s", len(plan.recipe.hops), len(plan.recipe.sources), target)
-    with atomic_folder(target, force) as tmp:
+    with atomic_folder(target, force, inputs) as tmp:
         write_tensors(tmp, plan.tasks, lambda m, name: checkpoints[m].get(name), dtype, max_shard_size, device,
-                      progress=not quiet, locate=lambda m, name: checkpoints[m].stored(name))
+                      progress=not quiet, locate=lambda m, name: checkpoints[m].stored(name),
+                      allow_overflow=allow_overflow)
         write_metadata(tmp, plan, checkpoints, command or _command_line())
         if format == "compact":
             write_modeling_file(tmp)

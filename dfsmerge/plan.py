@@ -23,10 +23,10 @@ from typing import Callable, Iterator
 import torch
 
 from .families import FAMILIES, SHAPE_KEYS, Family, family_of
-from .recipe import IDENTITY, Recipe, RecipeError, Transform
+from .recipe import IDENTITY, Recipe, RecipeError, Transform, brief
 
 __all__ = ["TensorTask", "Plan", "make_plan", "compact_plan", "is_classifier", "DTYPES", "dtype_name",
-           "effective_config", "STORED_LAYER", "HOP_TRANSFORM"]
+           "effective_config", "check_device", "STORED_LAYER", "HOP_TRANSFORM"]
 
 STORED_LAYER = "model.dfs_layers.{u}."  # compact layout: stored layer u's tensors
 HOP_TRANSFORM = "model.dfs_transforms.{k}."  # compact layout: hop k's ``scale`` / ``bias``
@@ -42,6 +42,26 @@ def dtype_name(value: str | torch.dtype) -> str:
     if name not in DTYPES:
         raise RecipeError(f"dtype: expected bfloat16, float16 or float32 (or torch.float32 etc.), got {value!r:.60}")
     return name
+
+
+def check_device(device: str | torch.device) -> str:
+    """A device the folding math can run on (``cpu``, ``cuda``, ``cuda:N``, ``mps``) and that this machine has;
+    checked before any weight is read. Returns it as a string; raises ``RecipeError`` naming ``device``."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda", "mps"):
+        raise RecipeError(f"device: expected cpu, cuda, cuda:N or mps, got {brief(device)}")
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count or (parsed.index or 0) >= count:
+            build = ", a torch built without CUDA" if torch.version.cuda is None else ""
+            raise RecipeError(f"device: {brief(device)} is not on this machine, which has {count} CUDA "
+                              f"device(s){build}; use --device cpu")
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise RecipeError(f"device: {brief(device)} is not on this machine, which has no usable Apple GPU")
+    return str(parsed)
 
 
 @dataclass(frozen=True)
@@ -247,7 +267,7 @@ def _biased_family(family: Family, configs: list[dict]) -> tuple[Family, list[di
                     for c in configs]
 
 
-def make_plan(recipe: Recipe, configs: list[dict], dtype: str = "bfloat16") -> Plan:
+def make_plan(recipe: Recipe, configs: list[dict], dtype: str | torch.dtype = "bfloat16") -> Plan:
     """Validate ``recipe`` against the source configs and plan every output tensor of the flat layout.
 
     Raises ``RecipeError`` naming the recipe field for anything the sources cannot do."""
@@ -291,7 +311,7 @@ def _kind(value: float | torch.Tensor, identity: float) -> str | None:
     return "vector" if value.ndim == 1 else "matrix"
 
 
-def compact_plan(recipe: Recipe, configs: list[dict], dtype: str = "bfloat16") -> Plan:
+def compact_plan(recipe: Recipe, configs: list[dict], dtype: str | torch.dtype = "bfloat16") -> Plan:
     """Validate ``recipe`` against the source configs and plan its compact checkpoint (also the config of the
     in-memory model that ``assemble`` builds). Unlike the flat layout it takes biases in any family."""
     dtype = dtype_name(dtype)

@@ -8,8 +8,11 @@ checks what can be checked without looking at the sources.
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
+import re
+import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -19,6 +22,8 @@ import yaml
 
 __all__ = [
     "RecipeError",
+    "brief",
+    "did_you_mean",
     "Source",
     "Transform",
     "Hop",
@@ -27,6 +32,8 @@ __all__ = [
     "parse_recipe",
     "load_yaml",
     "parse_source",
+    "looks_local",
+    "check_revision",
     "recipe_from_legacy",
     "dump_legacy",
     "dump_native",
@@ -34,14 +41,145 @@ __all__ = [
 
 
 class RecipeError(ValueError):
-    """A recipe (or a source it names) is not what it should be. The message names the field."""
+    """A recipe (or a source it names) is not what it should be. The message, one line of at most
+    ``MAX_MESSAGE`` characters, starts with the field or file it is about and says what was expected."""
+
+    def __init__(self, message: str):
+        message = " ".join(str(message).split())  # one line, whatever a library put into it
+        if len(message) > MAX_MESSAGE:
+            cut = len(message) - MAX_MESSAGE
+            message = f"{message[:MAX_MESSAGE // 2]} [... {cut} characters cut ...] {message[-MAX_MESSAGE // 2:]}"
+        super().__init__(message)
+
+
+MAX_MESSAGE = 1000
+
+_BRIEF = reprlib.Repr()
+_BRIEF.maxstring = _BRIEF.maxother = 60
+_BRIEF.maxlong = 30
+_BRIEF.maxlist = _BRIEF.maxtuple = _BRIEF.maxdict = _BRIEF.maxset = 6
+_BRIEF.maxlevel = 3
+
+
+def brief(value: Any) -> str:
+    """``repr(value)`` cut to about 80 characters (long strings, lists, huge integers), for error messages."""
+    try:
+        return _BRIEF.repr(value)
+    except ValueError:  # an integer beyond Python's str conversion limit
+        return f"<{type(value).__name__} too large to print>"
+
+
+def did_you_mean(key: Any, known: Sequence[str]) -> str:
+    """`` (did you mean 'layer_mask'?)`` for a misspelt key, or ``""``."""
+    close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.75)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _check_keys(doc: dict, known: Sequence[str], where: str) -> None:
+    for key in doc:
+        if key not in known:
+            raise RecipeError(f"{where}: unknown key {brief(key)}{did_you_mean(key, known)}; expected some of "
+                              f"{list(known)}")
 
 
 # ---------------------------------------------------------------------------------------------------- YAML
 
+# Resource bounds of the YAML loader. A real recipe nests 8 levels at most (an OrderedDict-wrapped grid of H x H
+# matrices) and its numbers have a few dozen characters; the value bound stops alias expansion ("billion laughs")
+# while leaving room for vector scales of every slot of a large model (3 x 2 x 80 slots of 8192 values is 3.9M).
+MAX_DEPTH = 32
+MAX_VALUES = 20_000_000
+MAX_NUMBER_CHARS = 40
+
 
 class _RecipeLoader(yaml.SafeLoader):
-    """SafeLoader plus the two Python tags real legacy recipes carry. Nothing else is ever constructed."""
+    """SafeLoader plus the two Python tags real legacy recipes carry, refusing duplicate keys, documents
+    nested deeper than ``MAX_DEPTH``, holding more than ``MAX_VALUES`` values once aliases are expanded, and
+    numbers longer than ``MAX_NUMBER_CHARS`` characters. Nothing else is ever constructed."""
+
+    def __init__(self, stream: str):
+        super().__init__(stream)
+        self._depth = 0
+
+    def fetch_flow_collection_start(self, token_class: type) -> None:
+        # the scanner looks up to 1024 characters ahead, in time quadratic in the brackets still open there:
+        # refuse deep flow nesting as it is scanned, before the composer sees it
+        if self.flow_level >= MAX_DEPTH:
+            raise yaml.scanner.ScannerError(None, None, f"nested deeper than {MAX_DEPTH} levels", self.get_mark())
+        super().fetch_flow_collection_start(token_class)
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_DEPTH} levels",
+                                                  self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        _expanded_size(node, {}, set())
+        return super().construct_document(node)
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict:
+        if isinstance(node, yaml.MappingNode):
+            seen: set = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may override keys: no duplicate
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    duplicate = key in seen
+                except TypeError:  # unhashable: SafeConstructor gives its own error
+                    continue
+                if duplicate:
+                    raise yaml.constructor.ConstructorError(None, None, f"duplicate key {brief(key)}",
+                                                            key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        _check_number(node)
+        return super().construct_yaml_int(node)
+
+    def construct_yaml_float(self, node: yaml.ScalarNode) -> float:
+        _check_number(node)
+        return super().construct_yaml_float(node)
+
+
+def _check_number(node: yaml.ScalarNode) -> None:
+    if len(node.value) > MAX_NUMBER_CHARS:
+        raise yaml.constructor.ConstructorError(None, None, f"a number of {len(node.value)} characters (at most "
+                                                f"{MAX_NUMBER_CHARS})", node.start_mark)
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, tuple[int, int]], active: set[int]) -> tuple[int, int]:
+    """(values, depth) of ``node`` with every alias expanded; refuses more than ``MAX_VALUES`` values, a depth
+    beyond ``MAX_DEPTH`` and an alias inside its own anchor. Each node is counted once (memoised)."""
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    if key in active:
+        raise yaml.composer.ComposerError(None, None, "an alias refers to the collection that holds it",
+                                          node.start_mark)
+    if isinstance(node, yaml.ScalarNode):
+        return 1, 1
+    children = node.value if isinstance(node, yaml.SequenceNode) else [n for pair in node.value for n in pair]
+    active.add(key)
+    values, depth = 1, 1
+    for child in children:
+        child_values, child_depth = _expanded_size(child, sizes, active)
+        values, depth = values + child_values, max(depth, child_depth + 1)
+    active.discard(key)
+    if values > MAX_VALUES:
+        raise yaml.composer.ComposerError(None, None, f"more than {MAX_VALUES:,} values once aliases are "
+                                          "expanded", node.start_mark)
+    if depth > MAX_DEPTH:
+        raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_DEPTH} levels once aliases "
+                                          "are expanded", node.start_mark)
+    sizes[key] = values, depth
+    return values, depth
 
 
 def _construct_tuple(loader: yaml.SafeLoader, node: yaml.Node) -> list:
@@ -49,42 +187,82 @@ def _construct_tuple(loader: yaml.SafeLoader, node: yaml.Node) -> list:
 
 
 def _construct_ordered_dict(loader: yaml.SafeLoader, suffix: str, node: yaml.Node) -> dict:
+    """``!!python/object/apply:collections.OrderedDict`` as ``yaml.dump`` writes it: ``[[[key, value], ...]]``
+    as the arguments, or a mapping with ``args`` and ``dictitems``."""
+    def refuse(problem: str) -> yaml.constructor.ConstructorError:
+        return yaml.constructor.ConstructorError(None, None, f"OrderedDict: {problem}", node.start_mark)
+
     if suffix != "collections.OrderedDict":
         raise yaml.constructor.ConstructorError(
-            None, None, f"refusing Python tag !!python/object/apply:{suffix}", node.start_mark
+            None, None, f"refusing Python tag !!python/object/apply:{brief(suffix)}", node.start_mark
         )
     if isinstance(node, yaml.SequenceNode):  # yaml.dump(OrderedDict) writes [[pairs]] as the args
-        args = loader.construct_sequence(node, deep=True)
-        pairs = args[0] if args else []
-    else:
+        args, items = loader.construct_sequence(node, deep=True), {}
+    elif isinstance(node, yaml.MappingNode):
         spec = loader.construct_mapping(node, deep=True)
-        pairs = (spec.get("args") or [[]])[0]
-        pairs = list(pairs) + list((spec.get("dictitems") or {}).items())
-    return {key: value for key, value in pairs}
+        unknown = sorted(map(str, set(spec) - {"args", "dictitems"}))
+        if unknown:
+            raise refuse(f"unknown keys {brief(unknown)}; expected args and dictitems")
+        args, items = spec.get("args") or [], spec.get("dictitems") or {}
+    else:
+        raise refuse("expected a list of [key, value] pairs")
+    if not isinstance(args, list) or len(args) > 1 or not isinstance(items, dict):
+        raise refuse("expected one argument, a list of [key, value] pairs")
+    pairs = args[0] if args else []
+    if not isinstance(pairs, list) or not all(isinstance(p, list) and len(p) == 2 for p in pairs):
+        raise refuse(f"expected a list of [key, value] pairs, got {brief(pairs)}")
+    if not all(isinstance(key, str) for key, _ in pairs):
+        raise refuse(f"expected string keys, got {brief([key for key, _ in pairs])}")
+    return {**dict(pairs), **items}
 
 
 def _refuse(loader: yaml.SafeLoader, suffix: str, node: yaml.Node) -> None:
     raise yaml.constructor.ConstructorError(
-        None, None, f"refusing Python tag {node.tag!r}: recipes may only use !!python/tuple and "
+        None, None, f"refusing Python tag {brief(node.tag)}: recipes may only use !!python/tuple and "
         "!!python/object/apply:collections.OrderedDict", node.start_mark,
     )
 
 
+_RecipeLoader.add_constructor("tag:yaml.org,2002:int", _RecipeLoader.construct_yaml_int)
+_RecipeLoader.add_constructor("tag:yaml.org,2002:float", _RecipeLoader.construct_yaml_float)
 _RecipeLoader.add_constructor("tag:yaml.org,2002:python/tuple", _construct_tuple)
 _RecipeLoader.add_multi_constructor("tag:yaml.org,2002:python/object/apply:", _construct_ordered_dict)
 _RecipeLoader.add_multi_constructor("tag:yaml.org,2002:python/", _refuse)
 _RecipeLoader.add_multi_constructor("!", _refuse)
 
 
-def load_yaml(text: str, where: str) -> dict:
-    """Parse recipe-style YAML safely (only the two legacy Python tags); ``where`` names the file in errors."""
+def _yaml_problem(exc: yaml.YAMLError, where: str) -> str:
+    """``file:line:column: problem`` from PyYAML's multi-line messages."""
+    if isinstance(exc, yaml.MarkedYAMLError):
+        mark = exc.problem_mark or exc.context_mark
+        text = " ".join(part for part in (exc.context, exc.problem) if part)
+        return f"{where}:{mark.line + 1}:{mark.column + 1}: {text}" if mark else f"{where}: {text}"
+    if isinstance(exc, yaml.reader.ReaderError):
+        return f"{where}: character {exc.position}: {exc.reason}"
+    return f"{where}: {exc}"
+
+
+def load_yaml(text: str | bytes, where: str) -> dict:
+    """Parse recipe-style YAML safely (only the two legacy Python tags, within the resource bounds above);
+    ``where`` names the file in errors. Bytes must be UTF-8. Raises :class:`RecipeError`."""
+    if isinstance(text, bytes):
+        text = _decode(text, where)
     try:
         doc = yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
-        raise RecipeError(f"{where}: {exc}") from None
+        raise RecipeError(_yaml_problem(exc, where)) from None
     if not isinstance(doc, dict):
         raise RecipeError(f"{where}: expected a mapping at the top level, got {type(doc).__name__}")
     return doc
+
+
+def _decode(data: bytes, where: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise RecipeError(f"{where}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset "
+                          f"{exc.start})") from None
 
 
 # ---------------------------------------------------------------------------------------------------- model
@@ -102,27 +280,44 @@ class Source:
 
 
 def _as_tensor(value: Any, field_name: str) -> float | torch.Tensor:
-    if isinstance(value, bool) or value is None:
-        raise RecipeError(f"{field_name}: expected a number, a vector or a matrix, got {value!r}")
+    """A scale or bias as a float or a float32 tensor (vector or square matrix), finite, within float32."""
+    expected = f"{field_name}: expected a number, a length-H vector or an H x H matrix"
+    if isinstance(value, torch.Tensor) and value.dtype == torch.bool or _holds_bool(value):
+        raise RecipeError(f"{expected}, got true/false (a boolean is not a scale)")
+    if value is None or isinstance(value, (str, bytes, dict)):
+        raise RecipeError(f"{expected}, got {brief(value)}")
     if isinstance(value, (int, float)):
-        if not math.isfinite(value):
+        if not math.isfinite(value if isinstance(value, float) else 0.0):
             raise RecipeError(f"{field_name}: contains NaN or infinity")
+        if abs(value) > _FLOAT32_MAX:
+            raise RecipeError(f"{field_name}: {brief(value)} is beyond the float32 range")
         return float(value)
-    if isinstance(value, torch.Tensor):
-        tensor = value.detach().to(torch.float32)
-    else:
-        try:
-            tensor = torch.tensor(value, dtype=torch.float32)
-        except (TypeError, ValueError) as exc:
-            raise RecipeError(f"{field_name}: expected a number, a vector or a matrix ({exc})") from None
+    try:
+        tensor = (value.detach().to(torch.float32) if isinstance(value, torch.Tensor) else
+                  torch.tensor(value, dtype=torch.float32))
+    except (TypeError, ValueError, RuntimeError, OverflowError):  # ragged, strings, None, huge integers
+        raise RecipeError(f"{expected}, got {brief(value)}") from None
     if tensor.ndim == 0:
-        return float(tensor)
+        return _as_tensor(float(tensor), field_name)
     if tensor.ndim > 2 or (tensor.ndim == 2 and tensor.shape[0] != tensor.shape[1]):
-        raise RecipeError(f"{field_name}: expected a scalar, a length-H vector or an H x H matrix, "
-                          f"got shape {tuple(tensor.shape)}")
+        raise RecipeError(f"{expected}, got shape {tuple(tensor.shape)}")
     if not torch.isfinite(tensor).all():
-        raise RecipeError(f"{field_name}: contains NaN or infinity")
+        raise RecipeError(f"{field_name}: contains NaN or infinity (or values beyond the float32 range)")
     return tensor
+
+
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def _holds_bool(value: Any) -> bool:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, bool):
+            return True
+        if isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return False
 
 
 @dataclass(frozen=True, eq=False)
@@ -217,7 +412,7 @@ class Recipe:
             raise RecipeError("hops: the recipe selects no layer (every layer_mask entry is false)")
         for key, value in (("input_model", self.input_model), ("output_model", self.output_model)):
             if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < n:
-                raise RecipeError(f"{key}: expected a model index in 0..{n - 1}, got {value!r}")
+                raise RecipeError(f"{key}: expected a model index in 0..{n - 1}, got {brief(value)}")
         widths = set()
         for k, hop in enumerate(self.hops):
             if not 0 <= hop.model < n:
@@ -254,14 +449,14 @@ def _describe(value: float | torch.Tensor) -> str:
 
 
 def load_recipe(path: str | os.PathLike) -> Recipe:
-    """Read a recipe file (legacy or native format). Relative local model paths are taken relative to the
-    recipe file when they exist there."""
+    """Read a recipe file (legacy or native format, UTF-8). Relative local model paths are taken relative to the
+    recipe file when they exist there. Raises :class:`RecipeError` naming the file or the field."""
     path = Path(path)
     try:
-        text = path.read_text()
+        data = path.read_bytes()
     except OSError as exc:
-        raise RecipeError(f"cannot read recipe {path}: {exc.strerror}") from None
-    recipe = parse_recipe(load_yaml(text, str(path)))
+        raise RecipeError(f"{path}: cannot read the recipe: {exc.strerror}") from None
+    recipe = parse_recipe(load_yaml(data, str(path)))
     base = path.resolve().parent
     recipe.sources = [_relative_to(src, base) for src in recipe.sources]
     return recipe
@@ -275,64 +470,107 @@ def _relative_to(src: Source, base: Path) -> Source:
 
 
 def parse_recipe(doc: dict) -> Recipe:
-    """Turn a parsed YAML document (legacy or native) into a checked :class:`Recipe`."""
+    """Turn a parsed YAML document (legacy or native) into a checked :class:`Recipe`. A misspelt key is named
+    with the key it probably meant."""
+    if not isinstance(doc, dict):
+        raise RecipeError(f"recipe: expected a mapping, got {type(doc).__name__}")
     if "hops" in doc:
         return _parse_native(doc)
-    if "layer_mask" in doc or "model_paths" in doc:
-        return recipe_from_legacy(**{k: v for k, v in doc.items() if k in _LEGACY_KEYS}, _raw=doc,
-                                  _unknown=[k for k in doc if k not in _LEGACY_KEYS])
-    raise RecipeError("recipe: expected either `hops` (native format) or `model_paths` and `layer_mask` "
-                      f"(legacy format); found keys {sorted(doc)}")
+    if any(key in doc for key in _LEGACY_KEYS):
+        _check_keys(doc, _LEGACY_KEYS, "recipe")
+        for key in ("model_paths", "num_r", "layer_mask"):
+            if key not in doc:
+                raise RecipeError(f"{key}: missing; a legacy recipe needs model_paths, num_r and layer_mask")
+        return recipe_from_legacy(**doc, _raw=doc)
+    hint = next((did_you_mean(k, ("hops", *_LEGACY_KEYS)) for k in doc if did_you_mean(k, ("hops", *_LEGACY_KEYS))),
+                "")
+    raise RecipeError(f"recipe: expected either `hops` (native format) or `model_paths`, `num_r` and `layer_mask` "
+                      f"(legacy format); found keys {brief(sorted(map(str, doc)))}{hint}")
 
 
 def parse_source(value: Any, where: str) -> Source:
-    """A source written as a path or hub ID, ``[path, revision]`` or ``{path, revision}``."""
-    if isinstance(value, str):
-        return Source(value)
-    if isinstance(value, (list, tuple)) and len(value) in (1, 2) and isinstance(value[0], str):
-        revision = value[1] if len(value) == 2 else None
-        if revision is not None and not isinstance(revision, str):
-            raise RecipeError(f"{where}: revision must be a string or null, got {revision!r}")
-        return Source(value[0], revision)
-    if isinstance(value, dict) and isinstance(value.get("path"), str):
-        return Source(value["path"], value.get("revision"))
-    raise RecipeError(f"{where}: expected a path or hub ID, [path, revision] or {{path, revision}}, got {value!r}")
+    """A source written as a path or hub ID, ``[path, revision]`` or ``{path, revision}``. The path must not be
+    empty; a revision must look like a git branch, tag or commit (``git check-ref-format``'s rules) and is
+    refused on a path that is plainly local (absolute, ``./``, ``../``, ``~``)."""
+    if isinstance(value, dict):
+        _check_keys(value, ("path", "revision"), where)
+        path, revision = value.get("path"), value.get("revision")
+    elif isinstance(value, (list, tuple)) and len(value) in (1, 2):
+        path, revision = value[0], value[1] if len(value) == 2 else None
+    else:
+        path, revision = value, None
+    if not isinstance(path, str):
+        raise RecipeError(f"{where}: expected a path or hub ID, [path, revision] or {{path, revision}}, "
+                          f"got {brief(value)}")
+    if not path.strip():
+        raise RecipeError(f"{where}: the model path is empty")
+    if revision is not None:
+        check_revision(revision, f"{where}.revision")
+        if looks_local(path):
+            raise RecipeError(f"{where}.revision: {brief(path)} is a local path; a revision applies to hub IDs only")
+    return Source(path, revision)
+
+
+def looks_local(path: str) -> bool:
+    """True for a path that cannot be a hub ID (``name`` or ``org/name``): absolute, ``./``, ``../``, ``~``,
+    more than one ``/``, or a ``.gguf`` file."""
+    return (Path(path).is_absolute() or path in (".", "..") or path.startswith(("./", "../", "~", ".\\", "..\\"))
+            or path.count("/") > 1 or path.endswith(".gguf"))
+
+
+_REF_FORBIDDEN = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]|\.\.|@\{|//|/\.|\.lock(/|$)|^[/.]|[/.]$")
+
+
+def check_revision(revision: Any, where: str) -> str:
+    """A hub revision: a branch, tag or commit name by ``git check-ref-format``'s rules (no ``..``, no spaces or
+    control characters, no ``~^:?*[\\``, no ``@{``, no component starting with ``.`` or ending in ``.lock``)."""
+    if not isinstance(revision, str):
+        raise RecipeError(f"{where}: expected a branch, tag or commit name, got {brief(revision)}")
+    if not revision or revision == "@" or len(revision) > 255 or _REF_FORBIDDEN.search(revision):
+        raise RecipeError(f"{where}: {brief(revision)} is not a branch, tag or commit name (git ref rules: no "
+                          "'..', spaces, ~^:?*[\\ or '@{', no part starting with '.' or ending in '.lock')")
+    return revision
 
 
 def _int(value: Any, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise RecipeError(f"{where}: expected an integer, got {value!r}")
+        raise RecipeError(f"{where}: expected an integer, got {brief(value)}")
     return value
 
 
+def _classification(value: Any) -> bool | None:
+    if value is not None and not isinstance(value, bool):
+        raise RecipeError(f"classification: expected true, false or null (follow the output model), "
+                          f"got {brief(value)}")
+    return value
+
+
+_NATIVE_KEYS = ("models", "hops", "input_model", "output_model", "classification")
+_HOP_KEYS = ("model", "layer", "scale", "bias")
+
+
 def _parse_native(doc: dict) -> Recipe:
-    known = {"models", "hops", "input_model", "output_model", "classification"}
-    unknown = sorted(set(doc) - known)
-    if unknown:
-        raise RecipeError(f"recipe: unknown keys {unknown}; the native format has {sorted(known)}")
+    _check_keys(doc, _NATIVE_KEYS, "recipe")
     models = doc.get("models")
     if not isinstance(models, list):
-        raise RecipeError(f"models: expected a list of sources, got {models!r}")
+        raise RecipeError(f"models: expected a list of sources, got {brief(models)}")
     sources = [parse_source(m, f"models[{i}]") for i, m in enumerate(models)]
     if not isinstance(doc["hops"], list):
-        raise RecipeError(f"hops: expected a list of {{model, layer, scale, bias}}, got {doc['hops']!r}")
+        raise RecipeError(f"hops: expected a list of {{model, layer, scale, bias}}, got {brief(doc['hops'])}")
     hops = []
     for k, entry in enumerate(doc["hops"]):
         if not isinstance(entry, dict) or "layer" not in entry:
-            raise RecipeError(f"hops[{k}]: expected {{model, layer, scale, bias}}, got {entry!r}")
-        extra = sorted(set(entry) - {"model", "layer", "scale", "bias"})
-        if extra:
-            raise RecipeError(f"hops[{k}]: unknown keys {extra}")
+            raise RecipeError(f"hops[{k}]: expected {{model, layer, scale, bias}}, got {brief(entry)}")
+        _check_keys(entry, _HOP_KEYS, f"hops[{k}]")
         transform = Transform(_as_tensor(entry.get("scale", 1.0), f"hops[{k}].scale"),
                               _as_tensor(entry.get("bias", 0.0), f"hops[{k}].bias"))
         if transform.has_bias and not isinstance(transform.bias, float) and transform.bias.ndim != 1:
             raise RecipeError(f"hops[{k}].bias: expected a scalar or a length-H vector")
         hops.append(Hop(_int(entry.get("model", 0), f"hops[{k}].model"),
                         _int(entry["layer"], f"hops[{k}].layer"), transform, f"hops[{k}]"))
-    classification = doc.get("classification")
     return Recipe(sources, hops, _int(doc.get("input_model", 0), "input_model"),
                   _int(doc.get("output_model", 0), "output_model"),
-                  classification, raw=doc).check()
+                  _classification(doc.get("classification")), raw=doc).check()
 
 
 _LEGACY_KEYS = ("model_paths", "num_r", "layer_mask", "scaling_factors", "bias_factors", "input_layer_model",
@@ -351,6 +589,15 @@ def _shape(value: Any, depth: int) -> tuple[int, ...] | None:
     if len(inner) != 1 or None in inner:
         return None
     return (len(value), *inner.pop())
+
+
+def _mask_flag(flag: Any, where: str) -> bool:
+    """A ``layer_mask`` entry: a boolean, or the integers 0 and 1 old files carry."""
+    if isinstance(flag, torch.Tensor) and flag.numel() == 1:
+        flag = flag.item()
+    if isinstance(flag, bool) or (isinstance(flag, int) and flag in (0, 1)):
+        return bool(flag)
+    raise RecipeError(f"{where}: expected true or false (or 0/1), got {brief(flag)}")
 
 
 def _check_grid(name: str, value: Any, expected: tuple[int, int, int]) -> None:
@@ -372,13 +619,11 @@ def recipe_from_legacy(
     last_layer_scale: float = 1.0,
     classification: bool | None = None,
     _raw: dict | None = None,
-    _unknown: Sequence[str] = (),
 ) -> Recipe:
-    """Build the hop list of a legacy recipe (the paper's layout; ``dfs-semantics.md``, "The hop list")."""
-    if _unknown:
-        raise RecipeError(f"recipe: unknown keys {sorted(_unknown)}; the legacy format has {list(_LEGACY_KEYS)}")
+    """Build the hop list of a legacy recipe (the paper's layout; ``dfs-semantics.md``, "The hop list").
+    ``layer_mask`` entries are booleans (0 and 1 are accepted, as old files have them)."""
     if not isinstance(model_paths, (list, tuple)) or not model_paths:
-        raise RecipeError(f"model_paths: expected a non-empty list of [path, revision], got {model_paths!r}")
+        raise RecipeError(f"model_paths: expected a non-empty list of [path, revision], got {brief(model_paths)}")
     sources = [parse_source(m, f"model_paths[{i}]") for i, m in enumerate(model_paths)]
     num_r = _int(num_r, "num_r")
     if num_r < 1:
@@ -393,19 +638,17 @@ def recipe_from_legacy(
             _check_grid(name, value, grid)
     for key, value in (("input_layer_model", input_layer_model), ("output_layer_model", output_layer_model)):
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < len(sources):
-            raise RecipeError(f"{key}: expected a model index in 0..{len(sources) - 1}, got {value!r}")
+            raise RecipeError(f"{key}: expected a model index in 0..{len(sources) - 1}, got {brief(value)}")
     if not isinstance(add_last_layer, bool):
-        raise RecipeError(f"add_last_layer: expected true or false, got {add_last_layer!r}")
+        raise RecipeError(f"add_last_layer: expected true or false, got {brief(add_last_layer)}")
+    classification = _classification(classification)
     hops = []
     for n in range(grid[0]):
         for m in range(grid[1]):
             for layer in range(grid[2]):
-                flag = layer_mask[n][m][layer]
-                if not isinstance(flag, (bool, int, float)) and not isinstance(flag, torch.Tensor):
-                    raise RecipeError(f"layer_mask[{n}][{m}][{layer}]: expected true/false, got {flag!r}")
-                if not bool(flag):
-                    continue
                 where = f"[{n}][{m}][{layer}]"
+                if not _mask_flag(layer_mask[n][m][layer], "layer_mask" + where):
+                    continue
                 scale = 1.0 if scaling_factors is None else _as_tensor(scaling_factors[n][m][layer],
                                                                       "scaling_factors" + where)
                 bias = 0.0 if bias_factors is None else _as_tensor(bias_factors[n][m][layer], "bias_factors" + where)

@@ -14,9 +14,9 @@ from typing import Callable, Iterable
 
 import torch
 
-from .recipe import RecipeError, Source
+from .recipe import RecipeError, Source, brief, looks_local
 
-__all__ = ["Checkpoint", "StoredBytes", "read_config", "open_checkpoint", "TOKENIZER_FILES"]
+__all__ = ["Checkpoint", "StoredBytes", "read_config", "check_config", "open_checkpoint", "TOKENIZER_FILES"]
 
 log = logging.getLogger("dfsmerge")
 
@@ -28,9 +28,22 @@ _BIN_PATTERNS = ("pytorch_model*.bin", "pytorch_model.bin.index.json")
 
 
 def _is_gguf(source: Source) -> bool:
-    path = Path(source.path)
-    return path.suffix == ".gguf" or (path.is_dir() and not (path / "config.json").exists()
-                                      and any(path.glob("*.gguf")))
+    path = _local(source)
+    return path is not None and (path.suffix == ".gguf" or (path.is_dir() and not (path / "config.json").exists()
+                                                            and any(path.glob("*.gguf"))))
+
+
+def _local(source: Source) -> Path | None:
+    """The source's local path, or None for a hub ID. A path that is plainly local but missing is an error,
+    not a hub request; so is a revision on a local path."""
+    path = Path(source.path).expanduser()
+    if path.exists():
+        if source.revision is not None:
+            raise RecipeError(f"{source}: {source.path} is a local path; a revision applies to hub IDs only")
+        return path
+    if looks_local(source.path):
+        raise RecipeError(f"{source.path}: no such folder or file")
+    return None
 
 
 def _hub_download(source: Source, patterns: Iterable[str], cache_dir: str | None) -> Path:
@@ -47,22 +60,67 @@ def _hub_download(source: Source, patterns: Iterable[str], cache_dir: str | None
 
 
 def read_config(source: Source, cache_dir: str | None = None) -> dict:
-    """The ``config.json`` of a source, downloading nothing else."""
+    """The ``config.json`` of a source, downloading nothing else, checked by :func:`check_config`."""
     if _is_gguf(source):
         from .gguf import gguf_config
 
-        return gguf_config(source)
-    path = Path(source.path)
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise RecipeError(f"{source}: folder has no config.json")
-        folder = path
-    else:
+        return check_config(gguf_config(source), str(source))
+    folder = _local(source)
+    if folder is None:
         folder = _hub_download(source, ["config.json"], cache_dir)
+    elif not (folder / "config.json").is_file():
+        raise RecipeError(f"{source}: folder has no config.json")
+    return check_config(_read_json(folder / "config.json"), f"{source}: config.json")
+
+
+def _read_json(file: Path) -> object:
     try:
-        return json.loads((folder / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise RecipeError(f"{source}: cannot read config.json: {exc}") from None
+        data = file.read_bytes()
+    except OSError as exc:
+        raise RecipeError(f"{file}: cannot read it: {exc.strerror}") from None
+    try:
+        return json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"{file}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})") from None
+    except json.JSONDecodeError as exc:
+        raise RecipeError(f"{file}:{exc.lineno}:{exc.colno}: not valid JSON ({exc.msg})") from None
+    except (RecursionError, ValueError) as exc:  # deep nesting; integers beyond Python's str conversion limit
+        raise RecipeError(f"{file}: not a JSON file dfsmerge can read ({type(exc).__name__}: {exc})") from None
+
+
+_SIZE_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "vocab_size")
+_OPTIONAL_SIZE_KEYS = ("num_key_value_heads", "head_dim", "num_labels", "sliding_window", "max_window_layers")
+_FLAG_KEYS = ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window")
+
+
+def check_config(config: object, where: str) -> dict:
+    """Refuse a config that cannot describe a decoder-only model: not a mapping, ``model_type`` missing or not a
+    string, a layer size missing or not an integer in 1..2**31-1 (optional ones: 0.. or null), a flag that is not
+    a boolean, a list-valued key (``architectures``, ``layer_types``) that is not a list of strings. Returns
+    ``config``; raises :class:`RecipeError` naming ``where`` and the key."""
+    if not isinstance(config, dict):
+        raise RecipeError(f"{where}: expected a JSON object (a mapping of settings), got {type(config).__name__}")
+    if not isinstance(config.get("model_type"), str):
+        raise RecipeError(f"{where}: model_type: expected a string such as 'llama', got "
+                          f"{brief(config.get('model_type'))}")
+    for key in _SIZE_KEYS + _OPTIONAL_SIZE_KEYS:
+        value, low = config.get(key), int(key in _SIZE_KEYS)
+        if value is None and key in _OPTIONAL_SIZE_KEYS:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value < 2**31:
+            got = "nothing (the key is missing)" if key not in config else brief(value)
+            raise RecipeError(f"{where}: {key}: expected an integer in {low}..2**31-1, got {got}")
+    for key in _FLAG_KEYS:
+        if config.get(key) is not None and not isinstance(config[key], bool):
+            raise RecipeError(f"{where}: {key}: expected true or false, got {brief(config[key])}")
+    for key in ("architectures", "layer_types"):
+        value = config.get(key)
+        if value is not None and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            raise RecipeError(f"{where}: {key}: expected a list of strings, got {brief(value)}")
+    eps = config.get("rms_norm_eps")
+    if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < 1):
+        raise RecipeError(f"{where}: rms_norm_eps: expected a small positive number, got {brief(eps)}")
+    return config
 
 
 @dataclass(frozen=True)
@@ -212,6 +270,12 @@ def _bin_getters(files: list[Path]) -> dict[str, Callable[[], torch.Tensor]]:
             state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
         except Exception as exc:
             raise RecipeError(f"{file}: cannot load with weights_only=True: {exc}") from None
+        if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                  for k, v in state.items()):
+            inner = [k for k, v in state.items() if isinstance(v, dict)] if isinstance(state, dict) else []
+            hint = f" (it holds a dict under {brief(inner[0])}: a training checkpoint?)" if inner else ""
+            raise RecipeError(f"{file}: expected a state dict (tensor names -> tensors), got "
+                              f"{type(state).__name__}{hint}")
         for name, tensor in state.items():
             getters[name] = (lambda t=tensor: t)
     return getters
@@ -221,14 +285,27 @@ def _weight_files(folder: Path) -> tuple[str, list[Path]]:
     for kind, index, single in (("safetensors", "model.safetensors.index.json", "model.safetensors"),
                                 ("bin", "pytorch_model.bin.index.json", "pytorch_model.bin")):
         if (folder / index).is_file():
-            weight_map = json.loads((folder / index).read_text())["weight_map"]
-            return kind, [folder / f for f in dict.fromkeys(weight_map.values())]
+            return kind, _indexed_files(folder / index)
         if (folder / single).is_file():
             return kind, [folder / single]
     files = sorted(folder.glob("*.safetensors"))
     if files:
         return "safetensors", files
     raise RecipeError(f"{folder}: no model.safetensors, safetensors index or pytorch_model.bin found")
+
+
+def _indexed_files(index: Path) -> list[Path]:
+    """The weight files an index names: ``weight_map`` maps tensor names to file names in the index's folder."""
+    weight_map = _read_json(index)
+    weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise RecipeError(f"{index}: weight_map: expected a mapping of tensor names to file names, got "
+                          f"{brief(weight_map)}")
+    files = list(dict.fromkeys(weight_map.values()))
+    for name in files:
+        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+            raise RecipeError(f"{index}: weight_map: expected file names in the index's folder, got {brief(name)}")
+    return [index.parent / name for name in files]
 
 
 def open_checkpoint(source: Source, config: dict, cache_dir: str | None = None,
@@ -240,10 +317,8 @@ def open_checkpoint(source: Source, config: dict, cache_dir: str | None = None,
 
         parts = open_gguf(source, dtype)
         return Checkpoint(source, parts.tokenizer, config, parts.tensors, parts.note)
-    path = Path(source.path)
-    if path.exists():
-        folder = path
-    else:
+    folder = _local(source)
+    if folder is None:
         folder = _hub_download(source, ["config.json", *_WEIGHT_PATTERNS, *TOKENIZER_FILES], cache_dir)
         if not any(folder.glob("*.safetensors")):
             folder = _hub_download(source, ["config.json", *_BIN_PATTERNS, *TOKENIZER_FILES], cache_dir)

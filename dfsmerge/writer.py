@@ -1,5 +1,6 @@
-"""Writing output folders: sharded safetensors streamed tensor by tensor, inside an atomic temporary folder, and
-the files beside them (config, tokenizer, recipe, model card, the compact format's modeling file).
+"""Writing output folders: sharded safetensors streamed tensor by tensor, inside an atomic temporary folder
+that never lies in, over or around a source (``check_target``, ``atomic_folder``), and the files beside them
+(config, tokenizer, recipe, model card, the compact format's modeling file).
 
 Every shape is known from the plan before the first byte is written, so each shard's safetensors header is
 written first and the tensors' bytes are streamed after it. A tensor the output takes unchanged (no fold, same
@@ -13,24 +14,31 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
+import glob
 import json
+import logging
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from .plan import DTYPES, Plan, TensorTask, is_classifier
-from .recipe import RecipeError, Source, dump_native
+from .plan import DTYPES, Plan, TensorTask, dtype_name, is_classifier
+from .recipe import RecipeError, Source, brief, dump_native
 from .sources import Checkpoint, StoredBytes
 
-__all__ = ["parse_size", "atomic_folder", "write_tensors", "check_target", "write_metadata", "model_card",
-           "write_modeling_file", "portable_tokenizer_config", "TOKENIZER_CLASSES_BOTH_READ", "hub_ids",
-           "card_base_model", "CARD_TAGS"]
+__all__ = ["parse_size", "check_target", "atomic_folder", "sigterm_as_interrupt", "Terminated", "write_tensors",
+           "write_metadata", "model_card", "write_modeling_file", "portable_tokenizer_config",
+           "TOKENIZER_CLASSES_BOTH_READ", "hub_ids", "card_base_model", "CARD_TAGS"]
+
+log = logging.getLogger("dfsmerge")
 
 CARD_TAGS = ("merge", "dfsmerge", "data-flow-space")
 MODELING_FILE = Path(__file__).with_name("modeling_dfs.py")  # the code a compact folder runs on
@@ -38,47 +46,218 @@ MODELING_FILE = Path(__file__).with_name("modeling_dfs.py")  # the code a compac
 _ST_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_CHECK_ELEMENTS = 1 << 24  # NaN/Inf scans go through a tensor in slices of this many elements
 
 
 def parse_size(text: str | int) -> int:
-    """``"5GB"`` -> 5_000_000_000 (decimal units as in transformers; ``GiB`` for binary)."""
-    if isinstance(text, int):
-        return text
-    match = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", str(text))
-    if not match or match.group(2).upper() not in _UNITS:
-        raise RecipeError(f"max_shard_size: expected a size like 5GB or 500MB, got {text!r}")
-    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+    """``"5GB"`` -> 5_000_000_000 (decimal units as in transformers; ``GiB`` for binary): a whole number of
+    bytes in 1..2**62. Raises :class:`RecipeError` naming ``max_shard_size``."""
+    size: float | None = None
+    if isinstance(text, int) and not isinstance(text, bool):
+        size = text
+    elif isinstance(text, str) and len(text) <= 40:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*", text)
+        if match and match.group(2).upper() in _UNITS:
+            size = float(match.group(1)) * _UNITS[match.group(2).upper()]
+    if size is None or not 1 <= size <= 2**62:
+        raise RecipeError(f"max_shard_size: expected a size like 5GB, 500MB or 2GiB (at least one byte), got "
+                          f"{brief(text)}")
+    return int(size)
 
 
-def check_target(target: Path, force: bool) -> None:
-    """Refuse an existing output folder unless ``force``; done before any work."""
-    if target.exists() and not force:
-        raise RecipeError(f"output: {target} already exists; pass --force (force=True) to replace it")
-    if target.exists() and not target.is_dir():
-        raise RecipeError(f"output: {target} exists and is not a folder")
+# ---------------------------------------------------------------------------------------------------- the output
+
+
+def check_target(target: str | os.PathLike, force: bool, sources: Iterable[str | os.PathLike]) -> Path:
+    """Refuse an output path before any work, and again just before the output is put in place. Refused, with
+    or without ``force``: a target that is one of ``sources`` (folders or files), lies inside one or contains
+    one (paths resolved, symbolic links followed), a target that is a symbolic link, a file, or lies below a
+    file. An existing folder is replaced only with ``force``, and only when it is empty or a model folder (holds
+    ``config.json``: a previous output). Returns the absolute target path; raises :class:`RecipeError`."""
+    if not str(target).strip():
+        raise RecipeError("output: the output path is empty")
+    target = Path(os.path.abspath(Path(target).expanduser()))
+    if target.is_symlink():
+        raise RecipeError(f"output: {target} is a symbolic link (to {os.readlink(target)}); name a real folder")
+    real = target.resolve()
+    for source in sources:
+        if not os.path.lexists(source):  # a hub ID
+            continue
+        src = Path(source).resolve()
+        relation = ("is" if real == src else "lies inside" if src in real.parents else
+                    "contains" if real in src.parents else None)
+        if relation:
+            raise RecipeError(f"output: {target} {relation} the source {source}; a merge never writes into, over "
+                              "or around a source (even with --force)")
+    if os.path.lexists(target):
+        if not target.is_dir():
+            raise RecipeError(f"output: {target} exists and is not a folder")
+        if not force:
+            raise RecipeError(f"output: {target} already exists; pass --force (force=True) to replace it")
+        if not (target / "config.json").is_file() and any(target.iterdir()):
+            raise RecipeError(f"output: {target} is not a model folder (it has no config.json); --force replaces "
+                              "only a previous output")
+    existing = next(p for p in real.parents if os.path.lexists(p))
+    if not existing.is_dir():
+        raise RecipeError(f"output: {existing} is not a folder, so {target} cannot be made")
+    return target
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process was, so that it cleans up as after Ctrl-C."""
 
 
 @contextlib.contextmanager
-def atomic_folder(target: str | os.PathLike, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside ``target``; on success it becomes ``target`` (replacing an existing
-    one only with ``force``), on any error it is removed and ``target`` is untouched."""
-    target = Path(target).absolute()
-    check_target(target, force)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".dfsmerge-tmp", dir=target.parent))
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM raises :class:`Terminated` (when this is the main thread and SIGTERM has its
+    default action; otherwise nothing changes)."""
+    def handler(signum: int, frame: object) -> None:
+        raise Terminated(f"terminated by signal {signum}")
+
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+    signal.signal(signal.SIGTERM, handler)
     try:
-        yield tmp
-        tmp.chmod(0o755)
-        if target.exists():
-            old = target.with_name(f".{target.name}.dfsmerge-old-{os.getpid()}")
-            target.rename(old)
-            tmp.rename(target)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(target)
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def atomic_folder(target: str | os.PathLike, force: bool, sources: Iterable[str | os.PathLike]) -> Iterator[Path]:
+    """Yield a temporary folder beside ``target``; on success it becomes ``target``, on any error (Ctrl-C and
+    SIGTERM included) it is removed and ``target`` is untouched.
+
+    ``target`` and ``sources`` are checked by :func:`check_target` on entry and again before the final rename.
+    The target is claimed with a lock file beside it (``flock``, which the system releases when a process dies),
+    so of two merges into one target one fails at once; temporary folders left by a killed run are removed, with a
+    warning. The final rename cannot replace a folder that appeared meanwhile unless ``force`` is given. Errors
+    writing the output (read-only or full disk) are one :class:`RecipeError` naming the target."""
+    sources = list(sources)
+    target = check_target(target, force, sources)
+    with sigterm_as_interrupt(), _made_parents(target.parent), _claimed(target):
+        _remove_leftovers(target)
+        check_target(target, force, sources)  # another process may have finished while this one planned
+        try:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.dfsmerge-tmp-", dir=target.parent))
+        except OSError as exc:
+            raise RecipeError(f"output: cannot write in {target.parent}: {exc.strerror}") from None
+        try:
+            yield tmp
+            tmp.chmod(0o755)
+            check_target(target, force, sources)
+            _put_in_place(tmp, target)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if exc.filename is not None and not any(Path(exc.filename) == p or p in Path(exc.filename).parents
+                                                    for p in (tmp, target)):
+                raise  # not about the output (e.g. a source file)
+            raise RecipeError(f"output: writing {target} failed: {exc.strerror or exc}") from None
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+@contextlib.contextmanager
+def _made_parents(folder: Path) -> Iterator[None]:
+    """Create ``folder`` and its missing parents; remove the ones made here if the block fails."""
+    made = [p for p in (folder, *folder.parents) if not os.path.lexists(p)]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RecipeError(f"output: cannot create {folder}: {exc.strerror}") from None
+    try:
+        yield
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for path in made:  # deepest first; stops at one that is not empty
+            try:
+                path.rmdir()
+            except OSError:
+                break
         raise
+
+
+@contextlib.contextmanager
+def _claimed(target: Path) -> Iterator[None]:
+    """Hold ``.{name}.dfsmerge-lock`` beside ``target`` for the block (an exclusive ``flock``)."""
+    path = target.with_name(f".{target.name}.dfsmerge-lock")
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise RecipeError(f"output: cannot write in {target.parent}: {exc.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                raise RecipeError(f"output: another dfsmerge process is writing {target}; wait for it to finish "
+                                  "or choose another folder") from None
+            raise RecipeError(f"output: cannot lock {path}: {exc.strerror}") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # its last holder removed the file after this process opened it: lock the new one
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        os.close(fd)
+
+
+def _remove_leftovers(target: Path) -> None:
+    """Clean up after killed runs on ``target`` (with the lock held, no live process owns these): remove their
+    temporary folders, and put back a previous output that a ``--force`` run had moved aside when the target is
+    missing (else remove it). Each is named in a warning."""
+    name = glob.escape(target.name)
+    for leftover in sorted(target.parent.glob(f".{name}.dfsmerge-tmp-*")):
+        shutil.rmtree(leftover)
+        log.warning("removed %s, left by an interrupted dfsmerge run", leftover)
+    for leftover in sorted(target.parent.glob(f".{name}.dfsmerge-old-*")):
+        if os.path.lexists(target):
+            shutil.rmtree(leftover)
+            log.warning("removed %s, a replaced output left by an interrupted dfsmerge run", leftover)
+        else:
+            leftover.rename(target)
+            log.warning("restored %s from %s, where an interrupted dfsmerge --force run had moved it", target,
+                        leftover)
+
+
+def _put_in_place(tmp: Path, target: Path) -> None:
+    """Rename ``tmp`` to ``target`` (moving a previous output aside first, removed after). ``target`` is
+    claimed with ``mkdir``, which fails if anything took the name since the last check, and the rename then
+    replaces that empty folder atomically."""
+    old = None
+    if os.path.lexists(target):  # check_target allowed it: force, and a previous output
+        old = target.with_name(f".{target.name}.dfsmerge-old-{os.getpid()}")
+        target.rename(old)
+    try:
+        target.mkdir()
+    except FileExistsError:
+        kept = f"; the previous output is in {old}" if old else ""
+        raise RecipeError(f"output: {target} appeared while merging and was left alone (pass --force to replace "
+                          f"it){kept}") from None
+    try:
+        tmp.rename(target)
+    except BaseException:  # also Ctrl-C or SIGTERM between the renames: the previous output goes back
+        with contextlib.suppress(OSError):
+            target.rmdir()
+            if old:
+                old.rename(target)
+        raise
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------- tensors
 
 
 def _shards(tasks: Sequence[TensorTask], itemsize: int, max_bytes: int) -> list[list[TensorTask]]:
@@ -110,21 +289,28 @@ def write_tensors(
     folder: Path,
     tasks: Sequence[TensorTask],
     get: Callable[[int, str], torch.Tensor],
-    dtype: str = "bfloat16",
+    dtype: str | torch.dtype = "bfloat16",
     max_shard_size: str | int = "5GB",
     device: str = "cpu",
     progress: bool = True,
     locate: Callable[[int, str], StoredBytes | None] | None = None,
+    allow_overflow: bool = False,
 ) -> list[Path]:
     """Stream every task's tensor into safetensors shards in ``folder``; writes the index when sharded.
 
     ``get(model, name)`` returns a source tensor; ``locate(model, name)``, when given, says where its bytes lie
     in a file as stored, so that a task that copies it unchanged into an output of the same dtype copies bytes.
-    Raises RecipeError when a source tensor's shape is not the planned one.
+
+    Every source tensor whose values pass through this process is checked as it is read: one that is not
+    floating point is a RecipeError naming it, and NaN or Inf in it gets a warning naming it (bytes copied as
+    they are stored are not read, so not scanned). A value beyond ``dtype``'s range after folding or conversion
+    (float16's is +-65504) is a RecipeError naming the tensor and the value, unless ``allow_overflow``: then it
+    is written as +-inf, as a plain cast does, with a warning. Raises RecipeError when a source tensor's shape is
+    not the planned one.
     """
     from tqdm.auto import tqdm
 
-    out_dtype = DTYPES[dtype]
+    out_dtype = DTYPES[dtype_name(dtype)]
     shards = _shards(tasks, out_dtype.itemsize, parse_size(max_shard_size))
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
@@ -132,6 +318,8 @@ def write_tensors(
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="merging",
                disable=not progress or not sys.stderr.isatty())
     weight_map = {}
+    nonfinite: set[tuple[int, str]] = set()  # source tensors found holding NaN or Inf (warned about once)
+    checked = _checked_getter(get, nonfinite)
     with bar:
         for name, shard in zip(names, shards):
             with open(folder / name, "wb", buffering=0) as f:
@@ -142,7 +330,9 @@ def write_tensors(
                         copy_bytes(stored, f)
                         written = stored.nbytes
                     else:
-                        written = _write_chunks(f, task.chunks(get, device, out_dtype), out_dtype)
+                        chunks = task.chunks(checked, device, out_dtype)
+                        written = _write_chunks(f, chunks, lambda piece, task=task: _cast(
+                            piece, out_dtype, task, nonfinite, allow_overflow))
                     if written != task.numel * out_dtype.itemsize:
                         raise RecipeError(f"{task.name}: wrote {written} bytes, expected "
                                           f"{task.numel * out_dtype.itemsize}")
@@ -154,13 +344,14 @@ def write_tensors(
     return [folder / n for n in names]
 
 
-def _write_chunks(f, chunks: Iterator[torch.Tensor], dtype: torch.dtype) -> int:
-    """Write computed (or converted) chunks as ``dtype``. A large chunk (a whole copied tensor) is converted a
-    piece at a time, so at most about 16 MB of it is in memory. Returns the bytes written."""
+def _write_chunks(f, chunks: Iterator[torch.Tensor], cast: Callable[[torch.Tensor], torch.Tensor]) -> int:
+    """Write computed (or converted) chunks, each piece through ``cast`` (to the output dtype). A large chunk (a
+    whole copied tensor) is converted a piece at a time, so at most about 16 MB of it is in memory. Returns the
+    bytes written."""
     written = 0
     for chunk in chunks:
         for piece in chunk.reshape(-1).split(_PIECE_ELEMENTS):
-            data = piece.to(dtype).view(torch.uint8)
+            data = cast(piece).view(torch.uint8)
             written += _write_all(f, memoryview(data.cpu().numpy()))
     return written
 
@@ -201,6 +392,49 @@ def _write_all(f, data: bytes | memoryview) -> int:
     while done < len(view):
         done += f.write(view[done:])
     return done
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    flat = tensor.reshape(-1)
+    return all(bool(torch.isfinite(flat[i:i + _CHECK_ELEMENTS]).all())
+               for i in range(0, flat.numel(), _CHECK_ELEMENTS))
+
+
+def _checked_getter(get: Callable[[int, str], torch.Tensor],
+                    nonfinite: set[tuple[int, str]]) -> Callable[[int, str], torch.Tensor]:
+    """``get`` that refuses a tensor which cannot be a weight and warns once about NaN/Inf in a source tensor."""
+    scanned: set[tuple[int, str]] = set()
+
+    def checked(model: int, name: str) -> torch.Tensor:
+        tensor = get(model, name)
+        if not tensor.is_floating_point():
+            raise RecipeError(f"models[{model}]: tensor {name!r} holds {str(tensor.dtype).removeprefix('torch.')} "
+                              "values; a weight the config describes must be floating point")
+        if (model, name) not in scanned:
+            scanned.add((model, name))
+            if not _all_finite(tensor):
+                nonfinite.add((model, name))
+                log.warning("warning: models[%d]: tensor %r holds NaN or Inf values; they are kept", model, name)
+        return tensor
+
+    return checked
+
+
+def _cast(chunk: torch.Tensor, dtype: torch.dtype, task: TensorTask, nonfinite: set[tuple[int, str]],
+          allow_overflow: bool) -> torch.Tensor:
+    """``chunk`` in the output dtype; a value that does not fit (it becomes +-inf) is an error unless allowed."""
+    out = chunk.to(dtype)
+    if (out is chunk and task.copies) or (task.model, task.src_name) in nonfinite or _all_finite(out):
+        return out  # copied as it is (the source was scanned), NaN/Inf of the source (warned), or all fits
+    bad = chunk[~torch.isfinite(out)]
+    value = float(bad[bad.abs().argmax()])
+    if not allow_overflow:
+        raise RecipeError(f"{task.name}: value {value:.6g} is beyond the {str(dtype).removeprefix('torch.')} range "
+                          f"(+-{torch.finfo(dtype).max:g}) after folding; choose --dtype bfloat16 or float32, or "
+                          "pass --allow-overflow to write it as +-inf")
+    log.warning("warning: %s: value %.6g is beyond the %s range; written as +-inf (--allow-overflow)", task.name,
+                value, str(dtype).removeprefix("torch."))
+    return out
 
 
 def write_metadata(folder: Path, plan: Plan, checkpoints: Sequence[Checkpoint | None], command: str) -> None:

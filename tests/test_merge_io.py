@@ -37,6 +37,7 @@ def _logits(folder, ids=INPUT_IDS):
 def test_existing_output_is_refused_then_replaced_with_force(llama_sources, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
+    (out / "config.json").write_text("{}")  # a previous output: --force replaces nothing else
     (out / "keep.txt").write_text("mine")
     with pytest.raises(RecipeError, match="already exists; pass --force"):
         merge(_recipe(llama_sources), out, quiet=True)

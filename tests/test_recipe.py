@@ -1,12 +1,15 @@
 """Recipe parsing: the legacy file format as real files have it, the native format, safety, field errors."""
 
 import collections
+import time
 
 import pytest
 import torch
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from dfsmerge.recipe import RecipeError, dump_legacy, dump_native, load_recipe, parse_recipe
+from dfsmerge.recipe import RecipeError, dump_legacy, dump_native, load_recipe, load_yaml, parse_recipe
 
 LEGACY = """\
 model_paths:
@@ -91,11 +94,12 @@ def test_other_python_tags_are_refused_and_run_nothing(tmp_path, tag):
     (("- [[0.5, 1.0, 2.0], [1.0, 3.0, 1.0]]\n", "- [[0.5, 1.0], [1.0, 3.0]]\n"),
      r"scaling_factors: expected shape \(2, 2, 3\)"),
     (("[[1.0, 1.0, 4.0], [5.0, 1.0, 1.0]]", "[[1.0, 1.0, [[1, 2]]], [5.0, 1.0, 1.0]]"),
-     r"scaling_factors\[1\]\[0\]\[2\]: expected a scalar, a length-H vector or an H x H matrix"),
+     r"scaling_factors\[1\]\[0\]\[2\]: expected a number, a length-H vector or an H x H matrix, got shape \(1, 2\)"),
     (("input_layer_model: 0", "input_layer_model: 2"), r"input_layer_model: expected a model index in 0..1, got 2"),
     (("output_layer_model: 1", "output_layer_model: -1"), r"output_layer_model: expected a model index"),
     (("- !!python/tuple [org/model-b, abc123]", "- 42"), r"model_paths\[1\]: expected a path or hub ID"),
-    (("input_layer_model: 0", "input_layer_model: 0\nlayer_masks: 1"), r"unknown keys \['layer_masks'\]"),
+    (("input_layer_model: 0", "input_layer_model: 0\nlayer_masks: 1"),
+     r"recipe: unknown key 'layer_masks' \(did you mean 'layer_mask'\?\)"),
     (("[[true, false, true], [false, true, false]]", "[[true, false, true], [false, true]]"),
      r"layer_mask: expected shape \(2, 2, n_layers\), got a ragged"),
 ])
@@ -135,7 +139,7 @@ hops:
     ("[{model: 0, layer: -1}]", r"hops\[0\].layer: expected a layer index >= 0"),
     ("[{model: 0, layer: 0, scale: [1.0, 2.0]}, {model: 0, layer: 1, scale: [1.0, 2.0, 3.0]}]",
      r"different hidden sizes"),
-    ("[{model: 0, layer: 0, scal: 2}]", r"hops\[0\]: unknown keys \['scal'\]"),
+    ("[{model: 0, layer: 0, scal: 2}]", r"hops\[0\]: unknown key 'scal' \(did you mean 'scale'\?\)"),
     ("[{model: 0, layer: 0, scale: .nan}]", r"hops\[0\].scale: contains NaN"),
 ])
 def test_native_errors(tmp_path, hops, message):
@@ -150,3 +154,48 @@ def test_legacy_dump_loads_back(tmp_path):
                        [[[0.5, 1.0], [1.5, 2.0]]])
     recipe = load_recipe(_write(tmp_path, text))
     assert [(h.model, h.layer, h.transform.scale) for h in recipe.hops] == [(0, 0, 0.5), (1, 0, 1.5), (1, 1, 2.0)]
+
+
+# ---------------------------------------------------------------------------------------------------- fuzzing
+
+_KEYS = ["model_paths", "num_r", "layer_mask", "scaling_factors", "bias_factors", "input_layer_model",
+         "output_layer_model", "add_last_layer", "last_layer_scale", "classification", "models", "hops", "model",
+         "layer", "scale", "bias", "path", "revision", "input_model", "output_model", "layer_masks"]
+_SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-3, 5), st.integers(), st.floats(),
+                     st.sampled_from(["a", "org/m", "./m", "", "main", "../x", "..", "1e400"]))
+_VALUES = st.recursive(_SCALARS, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+    st.sampled_from(_KEYS), inner, max_size=4), max_leaves=40)
+_DOCUMENTS = st.dictionaries(st.sampled_from(_KEYS), _VALUES, max_size=8).map(
+    lambda doc: yaml.safe_dump(doc).encode())
+_YAML_ALPHABET = "[]{}:,-&*!|>'\"\n\t #0123456789.e+_ablmnorstuy/\\"
+_MASK = [[[True, False, True], [False, True, False]]]
+_LEGACY_DOCS = st.fixed_dictionaries(
+    {"model_paths": st.one_of(st.just([["a", None], ["b", "v1"]]), _VALUES), "num_r": st.one_of(st.just(1), _SCALARS),
+     "layer_mask": st.one_of(st.just(_MASK), _VALUES)},
+    optional={"scaling_factors": st.one_of(st.just([[[0.5, 1, [1.0, 2.0]], [1, 2, 3]]]), _VALUES),
+              "bias_factors": _VALUES, "input_layer_model": _SCALARS, "output_layer_model": _SCALARS,
+              "add_last_layer": _SCALARS, "last_layer_scale": _VALUES, "classification": _SCALARS})
+_NATIVE_DOCS = st.fixed_dictionaries(
+    {"models": st.one_of(st.just(["a", {"path": "b", "revision": "main"}]), _VALUES),
+     "hops": st.lists(st.dictionaries(st.sampled_from(["model", "layer", "scale", "bias"]), _VALUES), max_size=4)},
+    optional={"input_model": _SCALARS, "output_model": _SCALARS, "classification": _SCALARS})
+_SEEDS = [LEGACY.encode(), yaml.dump(collections.OrderedDict(model_paths=[("a", None)], num_r=1,
+                                                               layer_mask=[[[True, 1]]])).encode()]
+_FUZZ = st.one_of(
+    st.binary(max_size=300), _DOCUMENTS, st.text(_YAML_ALPHABET, max_size=300).map(str.encode),
+    st.one_of(_LEGACY_DOCS, _NATIVE_DOCS).map(lambda doc: yaml.safe_dump(doc).encode()),
+    st.tuples(st.sampled_from(_SEEDS), st.integers(0, 400), st.integers(0, 8), st.binary(max_size=8)).map(
+        lambda t: t[0][:t[1]] + t[3] + t[0][t[1] + t[2]:]),  # a real recipe with a few bytes changed
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_FUZZ)
+def test_any_bytes_parse_or_give_one_line_recipe_error(data):
+    """Whatever the bytes, the parser returns a recipe or raises a one-line RecipeError, within a second."""
+    started = time.perf_counter()
+    try:
+        parse_recipe(load_yaml(data, "fuzz.yml"))
+    except RecipeError as exc:
+        assert "\n" not in str(exc) and 0 < len(str(exc)) <= 1000
+    assert time.perf_counter() - started < 1.0

@@ -1,0 +1,617 @@
+"""Bad inputs, table-driven, through the command line as a user meets them.
+
+Every case of :data:`CASES` builds its inputs in a fresh folder, runs ``dfsmerge.cli.main`` in this process and
+checks the same contract: a non-zero exit, exactly one ``error:`` line on stderr naming the field (or file) at
+fault, no traceback, nothing created or changed (the case's folder and the shared tiny sources are hashed before
+and after), and for the resource cases a refusal within :data:`RESOURCE_SECONDS`. The data-safety cases that need
+a real process (two merges at once, SIGTERM and SIGKILL mid-merge) run the command line in forked processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import multiprocessing
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from dfsmerge.cli import main
+
+RESOURCE_SECONDS = 1.0  # "well under a second" on an idle machine; the CPUs here are shared
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+
+
+def _snapshot(*roots: Path) -> dict[str, str]:
+    """Every path under ``roots`` -> a hash of its bytes (files), its link target (links) or ``dir``."""
+    found = {}
+    for root in roots:
+        for path in [root, *root.rglob("*")]:
+            if path.is_symlink():
+                found[str(path)] = "link:" + os.readlink(path)
+            elif path.is_dir():
+                found[str(path)] = "dir"
+            else:
+                found[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return found
+
+
+def _run(argv: list[str], capsys) -> tuple[int, str, float]:
+    started = time.perf_counter()
+    code = main([str(a) for a in argv])
+    elapsed = time.perf_counter() - started
+    return code, capsys.readouterr().err, elapsed
+
+
+def _assert_one_error(code: int, err: str, field: str) -> str:
+    assert code != 0, err
+    assert "Traceback" not in err, err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, err
+    assert field in errors[0], errors[0]
+    assert len(errors[0]) <= len("error: ") + 1000, errors[0]  # RecipeError's bound on a message
+    return errors[0]
+
+
+def _copy(source: Path, work: Path, name: str = "bad") -> Path:
+    return Path(shutil.copytree(source, work / name))
+
+
+def _config(folder: Path, **changes) -> Path:
+    config = json.loads((folder / "config.json").read_text())
+    config.update(changes)
+    for key in [k for k, v in changes.items() if v is _DROP]:
+        del config[key]
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+_DROP = object()
+
+
+def _tensors(folder: Path, edit: Callable[[dict[str, torch.Tensor]], None]) -> Path:
+    tensors = load_file(folder / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+def _native(work: Path, models: list, hops: str = "[{model: 0, layer: 0}, {model: 1, layer: 1}]",
+            extra: str = "") -> Path:
+    path = work / "r.yml"
+    path.write_text(f"models: {json.dumps([str(m) for m in models])}\nhops: {hops}\n{extra}")
+    return path
+
+
+def _legacy(work: Path, models: list, mask: str = "[[[true, true, false, true], [false, true, false, false]]]",
+            extra: str = "") -> Path:
+    path = work / "r.yml"
+    path.write_text(f"model_paths: {json.dumps([[str(m), None] for m in models])}\nnum_r: 1\nlayer_mask: {mask}\n"
+                    f"{extra}")
+    return path
+
+
+def _merge(work: Path, recipe: Path, *options: str) -> list[str]:
+    return [str(a) for a in ("merge", recipe, work / "out", "--quiet", *options)]
+
+
+def _search(work: Path, src: list[Path], data: str = '{"text": "the cat"}\n', evaluator: str = "loglik") -> Path:
+    (work / "d.jsonl").write_bytes(data.encode() if isinstance(data, str) else data)
+    path = work / "s.yml"
+    path.write_text(f"models: {json.dumps([str(s) for s in src[:2]])}\nnum_r: 1\n"
+                    f"evaluator: {{type: {evaluator}, data: d.jsonl, validation: 0}}\n"
+                    "search: {population: 4, generations: 1}\n")
+    return path
+
+
+def _tiny_gguf(path: Path) -> Path:
+    """A two-layer Llama GGUF written with the gguf package (metadata and a few float32 tensors)."""
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(2)
+    writer.add_embedding_length(64)
+    writer.add_feed_forward_length(128)
+    writer.add_head_count(4)
+    writer.add_head_count_kv(2)
+    writer.add_context_length(128)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_vocab_size(64)
+    writer.add_tensor("token_embd.weight", np.ones((64, 64), np.float32))
+    writer.add_tensor("output_norm.weight", np.ones(64, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def _truncated_gguf(work: Path) -> Path:
+    path = _tiny_gguf(work / "m.gguf")
+    path.write_bytes(path.read_bytes()[:100])
+    return path
+
+
+def _laughs(levels: int = 9) -> str:
+    """The "billion laughs": nine levels of ten aliases each, 10**9 values once expanded."""
+    lines = ["a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, levels + 1)]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------- the table
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    kind: str  # the class of the case, for the tally in the report
+    build: Callable[[Path, list[Path]], list]  # (work folder, tiny sources) -> argv
+    field: str  # what the error line must name
+    timed: bool = False  # a resource case: refused within RESOURCE_SECONDS
+    leaves: tuple[str, ...] = ()  # paths under the work folder the command may create (empty folders)
+
+
+CASES = [
+    # --- the recipe file
+    Case("recipe-not-utf8", "recipe", lambda w, s: _merge(w, _bytes(w / "r.yml", b"models: [a\xff]\nhops: []\n")),
+         "r.yml:1: not UTF-8"),
+    Case("recipe-missing", "recipe", lambda w, s: _merge(w, w / "nothing.yml"), "nothing.yml: cannot read the recipe"),
+    Case("recipe-not-yaml", "recipe", lambda w, s: _merge(w, _text(w / "r.yml", "models: [a\nhops: ]\n")), "r.yml:"),
+    Case("ordered-dict-bad-pairs", "recipe", lambda w, s: _merge(w, _text(
+        w / "r.yml", "!!python/object/apply:collections.OrderedDict [[[model_paths, a, b], [num_r]]]\n")),
+         "OrderedDict: expected a list of [key, value] pairs"),
+    Case("ordered-dict-bad-args", "recipe", lambda w, s: _merge(w, _text(
+        w / "r.yml", "!!python/object/apply:collections.OrderedDict {args: 7, state: 1}\n")), "OrderedDict"),
+    Case("python-tag", "recipe", lambda w, s: _merge(w, _text(
+        w / "r.yml", "models: !!python/object/apply:os.system [echo]\nhops: []\n")), "refusing Python tag"),
+    Case("duplicate-key", "recipe", lambda w, s: _merge(w, _text(
+        w / "r.yml", f"models: [{s[0]}]\nhops: [{{layer: 0}}]\nhops: [{{layer: 1}}]\n")), "duplicate key 'hops'"),
+    Case("misspelt-legacy-key", "recipe", lambda w, s: _merge(w, _text(
+        w / "r.yml", f"model_paths: [[{s[0]}, null]]\nnum_r: 1\nlayer_masks: [[[true]]]\n")),
+         "recipe: unknown key 'layer_masks' (did you mean 'layer_mask'?)"),
+    Case("misspelt-native-key", "recipe", lambda w, s: _merge(w, _native(w, s[:2], extra="output_modle: 1\n")),
+         "did you mean 'output_model'?"),
+    Case("missing-legacy-key", "recipe", lambda w, s: _merge(w, _text(
+        w / "r.yml", f"model_paths: [[{s[0]}, null]]\nlayer_mask: [[[true]]]\n")), "num_r: missing"),
+    Case("no-format-keys", "recipe", lambda w, s: _merge(w, _text(w / "r.yml", "hop: []\n")),
+         "(did you mean 'hops'?)"),
+    Case("mask-entry-2", "strict types", lambda w, s: _merge(w, _legacy(w, s[:2], "[[[1, 2, 0, 1], [0, 0, 0, 0]]]")),
+         "layer_mask[0][0][1]: expected true or false (or 0/1), got 2"),
+    Case("mask-entry-minus-1", "strict types", lambda w, s: _merge(w, _legacy(
+        w, s[:2], "[[[1, -1, 0, 1], [0, 0, 0, 0]]]")), "layer_mask[0][0][1]"),
+    Case("mask-entry-half", "strict types", lambda w, s: _merge(w, _legacy(
+        w, s[:2], "[[[1, 0.5, 0, 1], [0, 0, 0, 0]]]")), "layer_mask[0][0][1]"),
+    Case("mask-entry-nan", "strict types", lambda w, s: _merge(w, _legacy(
+        w, s[:2], "[[[1, .nan, 0, 1], [0, 0, 0, 0]]]")), "layer_mask[0][0][1]"),
+    Case("bool-vector-scale", "strict types", lambda w, s: _merge(w, _native(
+        w, s[:2], "[{model: 0, layer: 0, scale: [true, false]}]")), "hops[0].scale: expected a number"),
+    Case("bool-scale-legacy", "strict types", lambda w, s: _merge(w, _legacy(
+        w, s[:2], extra="scaling_factors: [[[true, 1, 1, 1], [1, 1, 1, 1]]]\n")), "scaling_factors[0][0][0]"),
+    Case("classification-not-bool", "strict types", lambda w, s: _merge(w, _native(
+        w, s[:2], extra="classification: 'yes'\n")), "classification: expected true, false or null"),
+    Case("empty-model-path", "strict types", lambda w, s: _merge(w, _native(w, ["", s[1]])),
+         "models[0]: the model path is empty"),
+    Case("local-path-missing", "strict types", lambda w, s: _merge(w, _native(w, [w / "no-such-model", s[1]])),
+         "no-such-model: no such folder"),
+    Case("relative-path-missing", "strict types", lambda w, s: _merge(w, _native(w, ["./no-such-model", s[1]])),
+         "no-such-model: no such folder"),
+    Case("revision-dotdot", "strict types", lambda w, s: _merge(w, _text(
+        w / "r.yml", "models: [{path: org/model, revision: ../../etc}]\nhops: [{layer: 0}]\n")),
+         "models[0].revision: '../../etc' is not a branch, tag or commit name"),
+    Case("revision-not-string", "strict types", lambda w, s: _merge(w, _text(
+        w / "r.yml", "models: [{path: org/model, revision: 12}]\nhops: [{layer: 0}]\n")), "models[0].revision"),
+    Case("revision-on-local-folder", "strict types", lambda w, s: _merge(w, _text(
+        w / "r.yml", f"models: [{{path: {s[0]}, revision: main}}]\nhops: [{{layer: 0}}]\n")),
+         "revision applies to hub IDs only"),
+    Case("scale-beyond-float32", "strict types", lambda w, s: _merge(w, _native(
+        w, s[:2], "[{model: 0, layer: 0}, {model: 1, layer: 1, scale: 1.0e+39}]")), "hops[1].scale"),
+    # --- resource bounds
+    Case("billion-laughs", "resource", lambda w, s: _merge(w, _text(w / "r.yml", _laughs())),
+         "values once aliases are expanded", timed=True),
+    Case("deep-nesting", "resource", lambda w, s: _merge(w, _text(w / "r.yml", "models: " + "[" * 100_000)),
+         "nested deeper than", timed=True),
+    Case("deep-block-nesting", "resource", lambda w, s: _merge(w, _text(
+        w / "r.yml", "".join(" " * i + f"k{i}:\n" for i in range(2000)))), "nested deeper than", timed=True),
+    Case("recursive-alias", "resource", lambda w, s: _merge(w, _text(w / "r.yml", "models: &m [a, *m]\nhops: []\n")),
+         "an alias refers to the collection that holds it", timed=True),
+    Case("400-digit-integer", "resource", lambda w, s: _merge(w, _text(
+        w / "r.yml", f"model_paths: [[{s[0]}, null]]\nnum_r: {'9' * 400}\nlayer_mask: [[[true]]]\n")),
+         "r.yml:2:8: a number of 400 characters", timed=True),
+    Case("long-value-cut", "resource", lambda w, s: _merge(w, _native(
+        w, s[:2], extra="input_model: '" + "x" * 100_000 + "'\n")), "input_model: expected an integer", timed=True),
+    Case("config-400-digit-integer", "resource", lambda w, s: _merge(w, _native(
+        w, [s[0], _config(_copy(s[1], w), hidden_size=int("9" * 400))])), "hidden_size", timed=True),
+    Case("config-deep-nesting", "resource", lambda w, s: _merge(w, _native(
+        w, [s[0], _bytes(_copy(s[1], w) / "config.json", b"[" * 100_000 + b"]" * 100_000).parent])),
+         "config.json", timed=True),
+    # --- source configs
+    Case("config-not-mapping", "config", lambda w, s: _merge(w, _native(
+        w, [s[0], _bytes(_copy(s[1], w) / "config.json", b"[1, 2]").parent])),
+         "config.json: expected a JSON object"),
+    Case("config-not-json", "config", lambda w, s: _merge(w, _native(
+        w, [s[0], _bytes(_copy(s[1], w) / "config.json", b"{'a': 1}").parent])), "config.json:1:2: not valid JSON"),
+    Case("config-not-utf8", "config", lambda w, s: _merge(w, _native(
+        w, [s[0], _bytes(_copy(s[1], w) / "config.json", b'{"model_type": "ll\xe9ama"}').parent])),
+         "config.json: not UTF-8"),
+    Case("config-missing-key", "config", lambda w, s: _merge(w, _native(
+        w, [s[0], _config(_copy(s[1], w), hidden_size=_DROP)])), "hidden_size: expected an integer"),
+    Case("config-wrong-type", "config", lambda w, s: _merge(w, _native(
+        w, [s[0], _config(_copy(s[1], w), num_attention_heads="4")])), "num_attention_heads: expected an integer"),
+    Case("config-flag-wrong-type", "config", lambda w, s: _merge(w, _native(
+        w, [s[0], _config(_copy(s[1], w), tie_word_embeddings="false")])), "tie_word_embeddings: expected true"),
+    Case("config-model-type-missing", "config", lambda w, s: _merge(w, _native(
+        w, [s[0], _config(_copy(s[1], w), model_type=_DROP)])), "model_type: expected a string"),
+    # --- weight files
+    Case("index-broken-json", "weights", lambda w, s: _merge(w, _native(
+        w, [s[0], _bytes(_copy(s[1], w) / "model.safetensors.index.json", b'{"weight_map": ').parent])),
+         "model.safetensors.index.json:1:16: not valid JSON"),
+    Case("index-no-weight-map", "weights", lambda w, s: _merge(w, _native(
+        w, [s[0], _bytes(_copy(s[1], w) / "model.safetensors.index.json", b'{"metadata": {}}').parent])),
+         "weight_map: expected a mapping"),
+    Case("index-path-escape", "weights", lambda w, s: _merge(w, _native(
+        w, [s[0], _bytes(_copy(s[1], w) / "model.safetensors.index.json",
+                         b'{"weight_map": {"a": "../../x.safetensors"}}').parent])),
+         "weight_map: expected file names in the index's folder"),
+    Case("bin-not-state-dict", "weights", lambda w, s: _merge(w, _native(
+        w, [s[0], _bin(_copy(s[1], w), [1, 2, 3])])), "pytorch_model.bin: expected a state dict"),
+    Case("bin-training-checkpoint", "weights", lambda w, s: _merge(w, _native(
+        w, [s[0], _bin(_copy(s[1], w), {"model": {"w": torch.ones(2)}, "step": torch.tensor(3)})])),
+         "(it holds a dict under 'model'"),
+    Case("safetensors-truncated", "weights", lambda w, s: _merge(w, _native(
+        w, [s[0], _cut(_copy(s[1], w) / "model.safetensors")])), "model.safetensors: cannot open safetensors file"),
+    Case("gguf-truncated", "weights", lambda w, s: _merge(w, _native(w, [_truncated_gguf(w), s[1]])),
+         "m.gguf: cannot read the GGUF metadata"),
+    Case("integer-tensor", "weights", lambda w, s: _merge(w, _native(w, [s[0], _tensors(
+        _copy(s[1], w), lambda t: t.update({k: t[k].int() for k in ["model.layers.1.mlp.up_proj.weight"]}))])),
+         "models[1]: tensor 'model.layers.1.mlp.up_proj.weight' holds int32 values"),
+    Case("bool-tensor", "weights", lambda w, s: _merge(w, _native(w, [s[0], _tensors(
+        _copy(s[1], w), lambda t: t.update({k: t[k] > 0 for k in ["model.layers.1.input_layernorm.weight"]}))])),
+         "tensor 'model.layers.1.input_layernorm.weight' holds bool values"),
+    Case("tensor-shape-disagrees", "weights", lambda w, s: _merge(w, _native(w, [s[0], _tensors(
+        _copy(s[1], w), lambda t: t.update({k: t[k][:100] for k in ["model.layers.1.mlp.up_proj.weight"]}))])),
+         "tensor 'model.layers.1.mlp.up_proj.weight' has shape (100, 64), the config says (128, 64)"),
+    Case("float16-overflow", "weights", lambda w, s: _merge(w, _native(
+        w, s[:2], "[{model: 0, layer: 0}, {model: 1, layer: 1, scale: 1.0e+6}]"), "--dtype", "float16"),
+         "model.layers.0.mlp.down_proj.weight: value"),
+    # --- options
+    Case("shard-size-garbage", "options", lambda w, s: _merge(w, _native(w, s[:2]), "--max-shard-size", "5 gigs"),
+         "max_shard_size: expected a size like 5GB"),
+    Case("shard-size-huge", "options", lambda w, s: _merge(w, _native(w, s[:2]), "--max-shard-size", "9" * 400 + "GB"),
+         "max_shard_size"),
+    Case("shard-size-zero", "options", lambda w, s: _merge(w, _native(w, s[:2]), "--max-shard-size", "0"),
+         "max_shard_size"),
+    Case("device-bogus", "options", lambda w, s: _merge(w, _native(
+        w, [s[0], _cut(_copy(s[1], w) / "model.safetensors")]), "--device", "bogus"),
+         "device: expected cpu, cuda, cuda:N or mps, got 'bogus'"),
+    Case("device-cuda-without-gpu", "options", lambda w, s: _no_gpu() + _merge(w, _native(
+        w, [s[0], _cut(_copy(s[1], w) / "model.safetensors")]), "--device", "cuda"), "device: cuda asked for"),
+    Case("eval-device-bogus", "options", lambda w, s: ["eval", s[0], "--data", _text(w / "d.jsonl", '{"text": "a"}\n'),
+                                                       "--device", "gpu0"], "device: expected cpu"),
+    Case("storage-driver-missing", "options", lambda w, s: ["evolve", _search(w, s), "--out", w / "run", "--quiet",
+                                                            "--storage", "mysql://u@localhost/db"],
+         "its database driver MySQLdb is not installed", leaves=("run",)),
+    # --- evaluator data, found before any candidate runs
+    Case("data-not-utf8", "evaluator data", lambda w, s: ["eval", s[0], "--data", _bytes(
+        w / "d.jsonl", b'{"text": "a"}\n{"text": "caf\xe9"}\n')], "d.jsonl:2: not UTF-8"),
+    Case("data-wrong-type", "evaluator data", lambda w, s: ["eval", s[0], "--data", _text(
+        w / "d.jsonl", '{"text": "a"}\n\n{"text": 5}\n')], "d.jsonl:3: text: expected str, got 5"),
+    Case("data-choices-not-list", "evaluator data", lambda w, s: [
+        "eval", s[0], "--evaluator", "choice", "--data",
+        _text(w / "d.jsonl", '{"prompt": "a", "choices": "bc", "answer": 0}\n')], "d.jsonl:1: choices: expected list"),
+    Case("data-answer-bool", "evaluator data", lambda w, s: [
+        "eval", s[0], "--evaluator", "choice", "--data",
+        _text(w / "d.jsonl", '{"prompt": "a", "choices": ["b"], "answer": true}\n')], "d.jsonl:1: answer"),
+    Case("data-not-object", "evaluator data", lambda w, s: ["eval", s[0], "--data", _text(w / "d.jsonl", '"a"\n')],
+         "d.jsonl:1: expected a JSON object"),
+    Case("data-deep-nesting", "evaluator data", lambda w, s: ["eval", s[0], "--data", _text(
+        w / "d.jsonl", "[" * 100_000 + "\n")], "d.jsonl:1", timed=True),
+    Case("search-data-wrong-type", "evaluator data", lambda w, s: [
+        "evolve", _search(w, s, '{"text": ["a"]}\n'), "--out", w / "run", "--quiet"], "d.jsonl:1: text: expected str"),
+    # --- the output path
+    Case("force-onto-a-source", "output path", lambda w, s: ["merge", _native(w, s[:2]), s[1], "--force", "--quiet"],
+         "is the source"),
+    Case("target-inside-a-source", "output path", lambda w, s: [
+        "merge", _native(w, s[:2]), s[0] / "merged", "--quiet"], "lies inside the source"),
+    Case("target-contains-a-source", "output path", lambda w, s: [
+        "merge", _native(w, [_copy(s[0], w / "models", "a"), s[1]]), w / "models", "--force", "--quiet"],
+         "contains the source"),
+    Case("target-through-symlink-into-source", "output path", lambda w, s: [
+        "merge", _native(w, s[:2]), _link(w / "link", s[0]) / "merged", "--quiet"], "lies inside the source"),
+    Case("flatten-onto-its-input", "output path", lambda w, s: ["flatten", s[0], s[0], "--force", "--quiet"],
+         "is the source"),
+    Case("merge-best-into-a-source", "output path", lambda w, s: [
+        "evolve", _search(w, s), "--out", w / "run", "--merge-best", s[0], "--quiet"], "is the source"),
+    Case("target-is-a-file", "output path", lambda w, s: [
+        "merge", _native(w, s[:2]), _text(w / "out", "mine"), "--force", "--quiet"], "exists and is not a folder"),
+    Case("target-below-a-file", "output path", lambda w, s: [
+        "merge", _native(w, s[:2]), _text(w / "f", "mine") / "out", "--quiet"], "is not a folder"),
+    Case("target-dangling-symlink", "output path", lambda w, s: [
+        "merge", _native(w, s[:2]), _link(w / "out", w / "gone"), "--force", "--quiet"], "is a symbolic link"),
+    Case("target-symlink-to-folder", "output path", lambda w, s: [
+        "merge", _native(w, s[:2]), _link(w / "out", _dir(w / "real")), "--force", "--quiet"], "is a symbolic link"),
+    Case("target-exists", "output path", lambda w, s: ["merge", _native(w, s[:2]), _dir(w / "out"), "--quiet"],
+         "already exists; pass --force"),
+    Case("force-onto-a-non-model-folder", "output path", lambda w, s: [
+        "merge", _native(w, s[:2]), _text(_dir(w / "home") / "notes.txt", "mine").parent, "--force", "--quiet"],
+         "is not a model folder"),
+    Case("target-empty", "output path", lambda w, s: ["merge", _native(w, s[:2]), "", "--quiet"],
+         "output: the output path is empty"),
+]
+
+
+def _text(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def _bytes(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def _dir(path: Path) -> Path:
+    path.mkdir(parents=True)
+    return path
+
+
+def _link(path: Path, to: Path) -> Path:
+    path.symlink_to(to)
+    return path
+
+
+def _cut(file: Path) -> Path:
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+    return file.parent
+
+
+def _bin(folder: Path, state: object) -> Path:
+    (folder / "model.safetensors").unlink()
+    torch.save(state, folder / "pytorch_model.bin")
+    return folder
+
+
+def _no_gpu() -> list:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    return []
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input_gives_one_error_line_and_changes_nothing(case, llama_sources, tmp_path, capsys):
+    work = tmp_path / "work"
+    work.mkdir()
+    argv = case.build(work, llama_sources)
+    capsys.readouterr()
+    roots = (work, llama_sources[0].parent)
+    before = _snapshot(*roots)
+    code, err, elapsed = _run(argv, capsys)
+    _assert_one_error(code, err, case.field)
+    after = _snapshot(*roots)
+    for name in case.leaves:  # an empty folder the command may make (noted in the case)
+        leftover = work / name
+        assert not any(leftover.iterdir()), list(leftover.iterdir())
+        after = {k: v for k, v in after.items() if k != str(leftover)}
+    assert after == before
+    if case.timed:
+        assert elapsed < RESOURCE_SECONDS, f"{case.name} took {elapsed:.2f} s"
+
+
+def test_error_messages_cut_long_values(llama_sources, tmp_path, capsys):
+    _native(tmp_path, llama_sources[:2], extra="input_model: '" + "x" * 100_000 + "'\n")
+    line = _assert_one_error(*_run(_merge(tmp_path, tmp_path / "r.yml"), capsys)[:2], "input_model")
+    assert len(line) < 200
+
+
+# ---------------------------------------------------------------------------------------------------- the disk
+
+
+@contextlib.contextmanager
+def _read_only(folder: Path):
+    """``folder`` made unwritable: mode 0555, or for root (whom modes do not stop) the immutable attribute."""
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        undo = ["chmod", "755", str(folder)]
+    elif subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode == 0:
+        undo = ["chattr", "-i", str(folder)]
+    else:
+        pytest.skip("root without chattr: cannot make a folder read-only")
+    try:
+        yield
+    finally:
+        subprocess.run(undo, check=True)
+
+
+def test_read_only_parent_is_one_line_and_leaves_nothing(llama_sources, tmp_path, capsys):
+    parent = _dir(tmp_path / "ro")
+    recipe = _native(tmp_path, llama_sources[:2])
+    before = _snapshot(tmp_path)
+    with _read_only(parent):
+        code, err, _ = _run(["merge", recipe, parent / "out", "--quiet"], capsys)
+        _assert_one_error(code, err, f"output: cannot write in {parent}")
+    assert _snapshot(tmp_path) == before
+
+
+def test_full_disk_is_one_line_and_leaves_nothing(llama_sources, tmp_path, capsys):
+    """A disk that fills up while the weights are written, made with a file size limit (RLIMIT_FSIZE)."""
+    recipe = _native(tmp_path, llama_sources[:2])
+    before = _snapshot(tmp_path)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead
+    resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, hard))
+    try:
+        code, err, _ = _run(["merge", recipe, tmp_path / "out", "--quiet", "--dtype", "float32"], capsys)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old)
+    _assert_one_error(code, err, f"output: writing {tmp_path / 'out'} failed: File too large")
+    assert _snapshot(tmp_path) == before
+
+
+# ---------------------------------------------------------------------------------------------------- claims
+
+
+def test_target_claimed_by_another_merge_is_refused(llama_sources, tmp_path, capsys):
+    from dfsmerge.writer import atomic_folder
+
+    recipe = _native(tmp_path, llama_sources[:2])
+    with atomic_folder(tmp_path / "out", False, []) as tmp:  # another merge, still writing
+        code, err, _ = _run(["merge", recipe, tmp_path / "out", "--quiet"], capsys)
+        _assert_one_error(code, err, "another dfsmerge process is writing")
+        assert tmp.is_dir()
+    assert (tmp_path / "out").is_dir()  # the first one finished normally
+
+
+def test_folder_that_appears_during_a_merge_is_not_replaced(tmp_path):
+    from dfsmerge import RecipeError
+    from dfsmerge.writer import atomic_folder
+
+    target = tmp_path / "out"
+    with pytest.raises(RecipeError, match="out already exists; pass --force"):
+        with atomic_folder(target, False, []) as tmp:
+            (tmp / "model.safetensors").write_text("new")
+            target.mkdir()
+            (target / "theirs.txt").write_text("theirs")
+    assert [p.name for p in target.iterdir()] == ["theirs.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+class _Merge:
+    """``dfsmerge <argv>`` in a process of its own, forked from this one (so it needs no second import of torch
+    and transformers), reading each source tensor 50 ms late: a merge that lasts long enough to be interrupted.
+    Its stderr goes to a file."""
+
+    def __init__(self, argv: list, folder: Path):
+        self.err = folder / f".stderr-{time.monotonic_ns()}"
+        self.process = multiprocessing.get_context("fork").Process(target=self._run, args=([str(a) for a in argv],))
+        self.process.start()
+
+    def _run(self, argv: list[str]) -> None:
+        import dfsmerge.sources
+
+        code = 1
+        try:
+            os.dup2(os.open(self.err, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 2)
+            sys.stderr = open(2, "w", closefd=False)
+            read = dfsmerge.sources.Checkpoint.get
+            dfsmerge.sources.Checkpoint.get = lambda checkpoint, name: (time.sleep(0.05), read(checkpoint, name))[1]
+            code = main(argv)
+        finally:
+            sys.stderr.flush()
+            os._exit(code)
+
+    def wait(self) -> tuple[int, str]:
+        self.process.join(timeout=300)
+        err = self.err.read_text()
+        self.err.unlink()
+        return self.process.exitcode, err
+
+
+def _wait_for_temp_folder(parent: Path, merge: _Merge) -> Path:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and merge.process.is_alive():
+        found = list(parent.glob(".out.dfsmerge-tmp-*"))
+        if found and any(found[0].iterdir()):
+            return found[0]
+        time.sleep(0.02)
+    raise AssertionError(f"no temporary folder appeared: {merge.wait()}")
+
+
+def test_two_merges_into_one_target_one_wins(llama_sources, tmp_path):
+    recipe = _native(tmp_path, llama_sources[:2])
+    logs = _dir(tmp_path / "logs")
+    before = _snapshot(llama_sources[0].parent)
+    merges = [_Merge(["merge", recipe, tmp_path / "out", "--quiet", "--dtype", "float32"], logs) for _ in range(2)]
+    results = [m.wait() for m in merges]
+    assert sorted(code for code, _ in results)[0] == 0 and sorted(code for code, _ in results)[1] != 0, results
+    loser = next(err for code, err in results if code != 0)
+    _assert_one_error(2, loser, "output:")
+    assert "another dfsmerge process is writing" in loser or "already exists" in loser
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["logs", "out", "r.yml"]
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+    assert _snapshot(llama_sources[0].parent) == before
+
+
+def test_sigterm_mid_merge_cleans_up_like_ctrl_c(llama_sources, tmp_path):
+    recipe = _native(tmp_path, llama_sources[:2])
+    logs = _dir(tmp_path / "logs")
+    merge = _Merge(["merge", recipe, tmp_path / "out", "--quiet"], logs)
+    _wait_for_temp_folder(tmp_path, merge)
+    os.kill(merge.process.pid, signal.SIGTERM)
+    code, err = merge.wait()
+    assert code == 143 and "Traceback" not in err and err.strip().splitlines()[-1] == "terminated", err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["logs", "r.yml"]
+
+
+def test_temp_folder_left_by_sigkill_is_removed_by_the_next_run(llama_sources, tmp_path, caplog):
+    recipe = _native(tmp_path, llama_sources[:2])
+    logs = _dir(tmp_path / "logs")
+    merge = _Merge(["merge", recipe, tmp_path / "out", "--quiet"], logs)
+    leftover = _wait_for_temp_folder(tmp_path, merge)
+    os.kill(merge.process.pid, signal.SIGKILL)
+    merge.wait()
+    assert leftover.is_dir() and not (tmp_path / "out").exists()
+    assert main(["merge", str(recipe), str(tmp_path / "out"), "--quiet"]) == 0
+    assert f"removed {leftover}, left by an interrupted dfsmerge run" in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["logs", "out", "r.yml"]
+
+
+# ---------------------------------------------------------------------------------------------------- weights
+
+
+def test_nan_in_a_source_tensor_is_a_warning_naming_it(llama_sources, tmp_path, caplog):
+    bad = _tensors(_copy(llama_sources[1], tmp_path),
+                   lambda t: t["model.layers.1.self_attn.q_proj.weight"].view(-1).__setitem__(5, float("nan")))
+    recipe = _native(tmp_path, [llama_sources[0], bad])
+    assert main(_merge(tmp_path, recipe, "--dtype", "float32")) == 0
+    assert "models[1]: tensor 'model.layers.1.self_attn.q_proj.weight' holds NaN or Inf values" in caplog.text
+    written = load_file(tmp_path / "out" / "model.safetensors")["model.layers.1.self_attn.q_proj.weight"]
+    assert torch.isnan(written.view(-1)[5])
+
+
+def test_overflow_is_written_as_inf_only_when_allowed(llama_sources, tmp_path, caplog, capsys):
+    recipe = _native(tmp_path, llama_sources[:2], "[{model: 0, layer: 0}, {model: 1, layer: 1, scale: 1.0e+6}]")
+    line = _assert_one_error(*_run(_merge(tmp_path, recipe, "--dtype", "float16"), capsys)[:2], "value")
+    folded = load_file(llama_sources[0] / "model.safetensors")["model.layers.0.mlp.down_proj.weight"] * 1e6
+    peak = folded.view(-1)[folded.abs().argmax()]  # the value the error names: the largest one beyond the range
+    assert f"value {float(peak):.6g} is beyond the float16 range" in line
+    assert main(_merge(tmp_path, recipe, "--dtype", "float16", "--allow-overflow")) == 0
+    assert "beyond the float16 range; written as +-inf" in caplog.text
+    written = load_file(tmp_path / "out" / "model.safetensors")["model.layers.0.mlp.down_proj.weight"]
+    # float16 rounds to nearest: values from 65520 on become inf (between 65504 and 65520 they round down)
+    assert torch.isinf(written).any() and torch.equal(torch.isinf(written), folded.abs() >= 65520)
+
+
+# ---------------------------------------------------------------------------------------------------- dtypes
+
+
+def test_dtype_spellings_are_one_dtype(llama_sources, tmp_path):
+    from dfsmerge import merge
+    from dfsmerge.evolve import parse_search
+    from dfsmerge.plan import dtype_name
+
+    assert {dtype_name(d) for d in (torch.float16, "float16", "torch.float16")} == {"float16"}
+    recipe = _native(tmp_path, llama_sources[:2])
+    merge(recipe, tmp_path / "a", dtype=torch.float16, quiet=True)
+    merge(recipe, tmp_path / "b", dtype="torch.float16", quiet=True)
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["dtype"] == "float16"
+    (tmp_path / "d.jsonl").write_text('{"text": "a"}\n')
+    doc = {"models": [str(p) for p in llama_sources[:2]], "dtype": "torch.float32",
+           "evaluator": {"type": "loglik", "data": "d.jsonl"}}
+    assert parse_search(doc, tmp_path).dtype == "float32"
