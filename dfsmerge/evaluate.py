@@ -250,25 +250,32 @@ class Evaluator:
         return batches
 
     @torch.inference_mode()
-    def chunks(self, model: torch.nn.Module, tokenizer: Any) -> Iterator[tuple[list[int], torch.Tensor]]:
-        """``(example indices, their scores)`` chunk by chunk (:meth:`parts`), the model in eval mode meanwhile.
-        Stopping early is allowed: the model gets its mode back when the generator is closed."""
+    def chunks(self, model: torch.nn.Module, tokenizer: Any, order: int | None = None
+               ) -> Iterator[tuple[list[int], torch.Tensor]]:
+        """``(example indices, their scores)`` chunk by chunk (:meth:`parts`), the model in eval mode meanwhile;
+        ``order``: a seed that shuffles the order of the chunks (their content stays). Stopping early is allowed:
+        the model gets its mode back when the generator is closed."""
         if tokenizer is not self._tokenizer:  # keeps a reference, so an identity check is safe
             self._chunks, self._tokenizer = self.prepare(tokenizer), tokenizer
+        chunks = list(self._chunks)
+        if order is not None:
+            random.Random(order).shuffle(chunks)
         was_training = model.training
         model.eval()
         try:
-            for chunk in self._chunks:
+            for chunk in chunks:
                 yield chunk.examples, self.score_chunk(model, tokenizer, chunk)
         finally:
             model.train(was_training)
 
     def __call__(self, model: torch.nn.Module, tokenizer: Any,
-                 on_chunk: Callable[[list[int], torch.Tensor], None] | None = None) -> float:
+                 on_chunk: Callable[[list[int], torch.Tensor], None] | None = None, order: int | None = None) -> float:
         """The score. ``on_chunk(example indices, their scores)`` runs after each chunk: a search reports them to
-        its pruner there, and stops the scoring by raising (the rest is never scored)."""
+        its pruner there, and stops the scoring by raising (the rest is never scored). ``order``: see
+        :meth:`chunks` (a search shuffles per candidate, as Optuna's ``WilcoxonPruner`` advises, so that the
+        first chunk does not decide every pruning and the search does not fit it)."""
         scores = torch.full((len(self),), math.nan, dtype=torch.float64)
-        with contextlib.closing(self.chunks(model, tokenizer)) as chunks:
+        with contextlib.closing(self.chunks(model, tokenizer, order)) as chunks:
             for index, values in chunks:
                 scores[index] = values
                 if on_chunk is not None:
@@ -603,7 +610,7 @@ def make_objective(spec: dict | list, base: Path = Path("."), device: str = "cpu
     items = [spec] if isinstance(spec, dict) else spec
     if not isinstance(items, list) or not items:
         raise RecipeError(f"{where}: expected a list of evaluator mappings, got {spec!r}")
-    parts, weights = [], []
+    parts = []
     for i, item in enumerate(items):
         here = where if isinstance(spec, dict) else f"{where}[{i}]"
         search, held_out = make_evaluators(item, base, device, here)
@@ -613,10 +620,10 @@ def make_objective(spec: dict | list, base: Path = Path("."), device: str = "cpu
         name = item.get("name", _default_name(item))
         if not isinstance(name, str) or not name or name in [p.name for p in parts]:
             raise RecipeError(f"{here}.name: expected a name no other evaluator has, got {name!r}")
-        parts.append(WeightedEvaluator(name, 0.0, search, held_out))
-        weights.append(float(weight))
-    for part, weight in zip(parts, weights):
-        part.weight = weight / sum(weights)
+        parts.append(WeightedEvaluator(name, float(weight), search, held_out))
+    total = sum(p.weight for p in parts)
+    for part in parts:
+        part.weight /= total
     return Objective(parts)
 
 

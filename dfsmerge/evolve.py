@@ -582,10 +582,11 @@ class _Worker:
         return score
 
     def score(self, trial: Any, model: Any, tokenizer: Any) -> list[float]:
-        """Each evaluator's score. With a pruner, every example's share of the objective is reported (step: its
-        index, counted across evaluators; value: its contribution times its evaluator's weight and ``total /
-        examples of the evaluator``, so that the mean of all is the objective) and, after each chunk but the last,
-        :class:`_Pruned` stops a candidate the pruner finds clearly worse than the best."""
+        """Each evaluator's score, its chunks in an order shuffled per trial. With a pruner, every example's share
+        of the objective is reported (step: its index, counted across evaluators; value: its contribution times
+        its evaluator's weight and ``total / examples of the evaluator``, so that the mean of all is the
+        objective) and, after each chunk but the last, :class:`_Pruned` stops a candidate the pruner finds
+        clearly worse than the best."""
         parts = self.evaluators.parts
         total, reported, scores = sum(len(p.search) for p in parts), [], []
         for part in parts:
@@ -603,7 +604,7 @@ class _Worker:
                     trial.set_user_attr("examples", len(reported))
                     raise _Pruned(statistics.fmean(reported))
 
-            scores.append(part.search(model, tokenizer, on_chunk=report))
+            scores.append(part.search(model, tokenizer, on_chunk=report, order=trial.number))
         trial.set_user_attr("examples", total)
         trial.set_user_attr("scores", dict(zip(self.evaluators.names, scores)))
         return scores

@@ -276,6 +276,9 @@ def test_chunks_cover_every_example_once_and_aggregate_to_the_score(tokenizer):
             assert value == pytest.approx(sum(logprobs) / len(logprobs), abs=1e-5)
             total, count = total + sum(logprobs), count + len(logprobs)
     assert evaluator(model, tokenizer) == pytest.approx(total / count, abs=1e-6)
+    shuffled = [index for index, _ in evaluator.chunks(model, tokenizer, order=1)]  # a search's order per trial
+    assert shuffled != [index for index, _ in chunks] and sorted(shuffled) == sorted(index for index, _ in chunks)
+    assert evaluator(model, tokenizer, order=1) == pytest.approx(total / count, abs=1e-6)
     model.train()
     stopped = evaluator.chunks(model, tokenizer)
     next(stopped)
