@@ -39,6 +39,8 @@ class Sources:
     ``"cuda:1"``), a list of devices that the sources take in turn as they are loaded (round robin), or
     ``"auto"``: each source on the CUDA device with the most free memory when it is loaded (the CPU when there is
     none). A candidate over sources on several devices moves its hidden states at the hops that change device.
+    ``"meta"`` places a source as shapes without data: it shows where the parts of a large candidate would live
+    without reading its weights (a forward ending there gives shapes only).
 
     Raises RecipeError for an unknown dtype or a device that torch does not know or this machine lacks."""
 
@@ -103,7 +105,7 @@ def _devices(device: str | torch.device | Sequence[str]) -> list[torch.device]:
     names = [device] if isinstance(device, (str, torch.device)) else list(device)
     if not names:
         raise RecipeError("device: expected a device, a list of devices or 'auto', got an empty list")
-    return [torch.device(check_device(name)) for name in names]
+    return [torch.device("meta") if str(name) == "meta" else torch.device(check_device(name)) for name in names]
 
 
 def model_from_checkpoint(cls: type, config: Any, checkpoint: Checkpoint, dtype: torch.dtype,
