@@ -43,8 +43,8 @@ which most candidates are pruned never completes). It is marked ``pruned``, coun
 best. Baselines are scored in full and report too, so that the pruner can compare a candidate with a source.
 
 Outputs in the run folder, rewritten after every trial: ``best_recipe.yml`` (legacy format, for ``dfsmerge
-merge``), ``best_recipe_native.yml``, ``trials.csv``, and (at most every 30 s, and at the end) ``progress.png``
-and ``best_recipe.png``. Three splits: the search split is optimised, the validation split chooses the reported
+merge``), ``best_recipe_native.yml``, ``trials.csv``, and (at most every 30 s and 1% of the time, and at the end)
+``progress.png`` and ``best_recipe.png``. Three splits: the search split is optimised, the validation split chooses the reported
 best, the test split (``test:``) is only reported, for the best and the baselines.
 """
 
@@ -54,7 +54,6 @@ import csv
 import hashlib
 import io
 import json
-import logging
 import math
 import os
 import random
@@ -76,8 +75,6 @@ from .recipe import (Hop, Recipe, RecipeError, Source, dump_legacy, dump_native,
 __all__ = ["SearchConfig", "SearchSpace", "Candidate", "Splits", "load_search", "read_search", "parse_search",
            "search_evaluators", "evolve", "EvolveResult", "done_trials", "best_trial", "state_of", "score_of",
            "mirror"]
-
-log = logging.getLogger("dfsmerge")
 
 _TOP_KEYS = ("models", "num_r", "input_layer_model", "output_layer_model", "search", "evaluator", "evaluators",
              "test", "dtype", "device", "cache_dir")
@@ -866,13 +863,14 @@ class Scores:
 
 
 def format_table(rows: list[Scores], markdown: bool = False) -> str:
-    """The final table, plain text or Markdown."""
-    cells = [[r.name] + ["" if v is None else f"{v:.5g}" for v in (r.search, r.validation, r.test)] for r in rows]
-    header = ["", "search", "validation", "test"]
+    """The final table, plain text or Markdown; a split no row has a score on is left out."""
+    splits = [s for s in ("search", "validation", "test") if any(getattr(r, s) is not None for r in rows)]
+    cells = [[r.name] + ["" if getattr(r, s) is None else f"{getattr(r, s):.5g}" for s in splits] for r in rows]
     if markdown:
-        lines = ["| model | search | validation | test |", "|---|---:|---:|---:|"]
+        lines = ["| model | " + " | ".join(splits) + " |", "|---|" + "---:|" * len(splits)]
         return "\n".join(lines + [f"| {' | '.join(c)} |" for c in cells])
-    widths = [max(len(row[i]) for row in cells + [header]) for i in range(4)]
+    header = ["", *splits]
+    widths = [max(len(row[i]) for row in cells + [header]) for i in range(len(header))]
     return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
                      for row in [header] + cells)
 
@@ -970,7 +968,8 @@ class _Worker:
                           f"by a killed worker (retried after {self.config.heartbeat} s without a heartbeat)",
                           flush=True)
                 announced = True
-                with self.timed("waiting"):
+                with self.timed("waiting"), warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # since Optuna 2.9
                     optuna.storages.fail_stale_trials(self.study)
                     time.sleep(_POLL_S)
                 continue

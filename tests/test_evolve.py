@@ -408,7 +408,7 @@ def _cli(*args: str, cwd: Path, quiet: bool = True, stdout: object = subprocess.
                             cwd=cwd, env=env, stdout=stdout, stderr=subprocess.STDOUT, text=True)
 
 
-def _finish(process: subprocess.Popen, timeout: float = 180) -> str:
+def _finish(process: subprocess.Popen, timeout: float = 600) -> str:
     out, _ = process.communicate(timeout=timeout)
     assert process.returncode == 0, out
     return out
