@@ -47,11 +47,12 @@ def trajectory(run: Path, search: Path, quality: callable) -> list[tuple[int, fl
     cost, best, points = 0, None, []
     for trial in done_trials(study.get_trials(deepcopy=False)):
         cost += trial.user_attrs.get("examples", 0) + (held_out if "validation" in trial.user_attrs else 0)
-        if score_of(trial) is not None and (best is None or (trial.user_attrs.get("validation", -1e9),
+        searched = score_of(trial) is not None and "baseline" not in trial.user_attrs  # baselines: the sources
+        if searched and (best is None or (trial.user_attrs.get("validation", -1e9),
                                                                     trial.value) > (best.user_attrs.get(
                                                                         "validation", -1e9), best.value)):
             best = trial
-        points.append((cost, quality(space.recipe(*space.decode(best.params))) if best else -1.0))
+        points.append((cost, quality(space.recipe(space.decode(best.params))) if best else -1.0))
     return points
 
 

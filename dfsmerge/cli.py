@@ -63,18 +63,26 @@ def cmd_plan(args: argparse.Namespace) -> None:
 
 SEARCH_EXAMPLE = """example search.yml:
   models: [path_or_hub_id_A, path_or_hub_id_B]   # or {path, revision}
-  num_r: 3                  # repetitions of the layer sequence
+  num_r: 3                  # repetitions of the layer sequence: the slots are (repetition, model, layer)
   input_layer_model: 0
   output_layer_model: 0
   device: cpu               # or cuda
   dtype: float32            # of the candidates; default: float32 on a CPU, bfloat16 on a GPU
   search:
     population: 16          # CMA-ES population per generation
-    generations: 25         # the budget: population x generations trials (pruned ones count)
+    generations: 25         # the budget: population x generations searched trials (pruned ones count),
+                            # after the baselines
     seed: 0
-    scales: [0.5, 1.5]      # per-slot scale range; false keeps all scales at 1
+    scales: [0.5, 1.5]      # the range of every scale; false keeps all scales at 1
+    scale_by: slot          # slot: S_k = s[n, m, l], one scale per slot
+                            # pair: S_k = W[i_(k-1), i_k], the paper's matrix over the M = models x layers
+                            #   layers (i = m * layers + l; the embeddings are the row before hop 0):
+                            #   every hop from layer a to layer b has the scale W[a, b]
+    sampler: cmaes          # cmaes (full covariance: the default up to 100 parameters), sep-cmaes
+                            # (diagonal covariance, cost linear in the parameters: the default above), random
     keep_ends: true         # input model's first layer starts the path, output model's last layer ends it
-    init: own_order         # CMA-ES starts at the input model's own layer order (or: center)
+    init: own_order         # the first searched candidate and CMA-ES's mean: the input model's own order
+    baselines: true         # first score each source as it is (its own layers, embeddings and head)
     max_hops: 64            # optional bound on the path length
     sigma0: 0.17            # optional initial step, as a fraction of each parameter's range
     prune: true             # stop a candidate clearly worse than the best so far: Optuna's WilcoxonPruner on
@@ -98,13 +106,25 @@ SEARCH_EXAMPLE = """example search.yml:
   # evaluators:
   #   - {type: loglik, data: wiki.jsonl, weight: 1}
   #   - {type: lm_eval, tasks: [mine], include_path: my_tasks/, metric: acc, weight: 2}
+
+  test:                     # optional, reported only (for the best and the baselines): keep it apart;
+    type: loglik            # one evaluator section or a list (as evaluators:), without validation
+    data: test.jsonl
+
+The scale S_k multiplies what flows into hop k (the previous hop's MLP output; the embeddings for hop 0).
+Every parameter is sampled without bounds and mirrored into its range, so CMA-ES never redraws a sample.
+The run folder gets trials.csv, best_recipe.yml, best_recipe_native.yml, progress.png and best_recipe.png,
+rewritten after every trial. Rerun the same command to resume; only search.generations may change.
 """
 
 
 def cmd_evolve(args: argparse.Namespace) -> None:
+    from transformers.utils import logging as hf_logging
+
     from .evolve import evolve, load_search
     from .writer import check_target
 
+    hf_logging.disable_progress_bar()  # the log is one line per trial, also in a file
     search = load_search(args.search)
     if args.merge_best:  # checked now, not after the search
         check_target(args.merge_best, False, [s.path for s in search.sources] + [args.out])
@@ -121,6 +141,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .plan import check_device
 
     check_device(args.device)  # before any data or weight is read
+    if args.search:
+        return _eval_search(args)
     defaults = speed_defaults(args.device)
     spec: dict = {"validation": 0, "batch_size": args.batch_size or defaults["batch_size"]}
     if args.evaluator.startswith("python:"):
@@ -140,6 +162,34 @@ def cmd_eval(args: argparse.Namespace) -> None:
         model, tokenizer = load_model(target, args.dtype or defaults["dtype"], args.device, args.cache_dir)
         score = evaluator(model, tokenizer)
         print(f"{target:<{width}}  {score:>12.5g}" + (f"  {math.exp(-score):>10.4g}" if extra else ""), flush=True)
+
+
+def _eval_search(args: argparse.Namespace) -> None:
+    """Score models on a search's splits (search, validation, test), with its evaluators, settings and dtype."""
+    from .evaluate import load_model
+    from .evolve import read_search, search_evaluators
+    from .recipe import RecipeError
+
+    if args.data or args.evaluator != "loglik":
+        raise RecipeError("eval: --search takes the evaluators and their data from the search file; drop --data "
+                          "and --evaluator")
+    config = read_search(args.search)
+    config.device = args.device
+    splits = search_evaluators(config)
+    sizes = splits.sizes()
+    dtype = args.dtype or config.dtype
+    width = max(len(t) for t in args.models + ["model"])
+    print(f"{args.search}: {dtype}; examples " + ", ".join(f"{name} {n}" for name, n in sizes.items()))
+    print(f"{'model':<{width}}" + "".join(f"  {name:>12}" for name in sizes))
+    for target in args.models:
+        model, tokenizer = load_model(target, dtype, args.device, args.cache_dir)
+        scores = [p.search(model, tokenizer) for p in splits.objective.parts]
+        row = [splits.objective.value(scores)]
+        if "validation" in sizes:
+            row.append(splits.validation(model, tokenizer, scores))
+        if splits.test is not None:
+            row.append(splits.tested(model, tokenizer))
+        print(f"{target:<{width}}" + "".join(f"  {score:>12.5g}" for score in row), flush=True)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -204,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--evaluator", default="loglik", help="loglik (default), choice, generate, lm_eval, or "
                    "python:module:function")
     p.add_argument("--data", default=None, help="JSONL examples (all evaluators but lm_eval)")
+    p.add_argument("--search", default=None, metavar="SEARCH_YML", help="score on a search's splits (search, "
+                   "validation, test) with its evaluators, their settings and its dtype, instead of --data and "
+                   "--evaluator")
     p.add_argument("--max-examples", type=int, default=None, help="use only the first N examples")
     p.add_argument("--batch-size", type=int, default=None, help="rows per forward pass (default: 8 on a CPU, "
                    "32 on a GPU)")
@@ -219,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "fraction when < 1)")
     p.add_argument("--metric", default=None, help="lm_eval: the per-document metric (default acc)")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
-                   help="default: float32 on a CPU, bfloat16 on a GPU")
+                   help="default: float32 on a CPU, bfloat16 on a GPU (with --search: the search's dtype)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--cache-dir", default=None, help="Hugging Face cache folder for hub sources")
     p.set_defaults(func=cmd_eval)

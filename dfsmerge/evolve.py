@@ -1,17 +1,37 @@
-"""Evolutionary search of DFS recipes: the paper's data-flow-space search, with CMA-ES through Optuna.
+"""Evolutionary search of DFS recipes: the paper's data-flow-space search (Akiba et al. 2024, Sec. 3.2), with
+CMA-ES through Optuna.
 
-The search space is the paper's. The *slots* are ``num_r`` repetitions of all layers of all models, in the order
-of the legacy layout (repetition, model, layer). Each slot has an indicator (the slot is used when it is > 0)
-and, unless ``scales: false``, a scale. A candidate is therefore a legacy recipe: ``layer_mask`` = indicators
-> 0, ``scaling_factors`` = scales. Optional constraints: ``keep_ends`` (the input model's first layer starts the
-path and the output model's last layer ends it), ``init: own_order`` (CMA-ES starts at the input model's own
-layer order) and ``max_hops`` (only the slots with the largest indicators are kept).
+**The space.** The *slots* are ``num_r`` repetitions of all layers of all models, in the order of the legacy
+layout (repetition, model, layer). Each slot has an indicator: the slot is a hop when its indicator is > 0. The
+scale of hop ``k`` (the ``S_k`` of ``dfs-semantics.md``: it multiplies what flows into hop ``k``) is, by
+``scale_by``:
+
+- ``slot``: one scale per slot, ``S_k = s[n_k, m_k, l_k]``;
+- ``pair``: the paper's scaling matrix, ``S_k = W[i_(k-1), i_k]`` with ``i = m * L + l`` numbering the
+  ``M = models * L`` layers of all models and ``i_(-1) = e``, the embeddings' row: every hop that goes from the
+  same layer to the same layer has the same scale. Only the pairs the layout can produce are parameters (at most
+  ``(M + 1) * M``; with ``keep_ends`` the embeddings' row has one entry).
+
+``scales: false`` keeps every scale at 1. ``keep_ends``: the input model's first layer starts the path and the
+output model's last layer is appended to end it (its scale is 1 per slot, ``W[last hop, it]`` per pair).
+``max_hops``: only the slots with the largest indicators are kept.
+
+**No rejected samples.** Every parameter is drawn in a box many times wider than its range and mirrored into
+the range (:func:`mirror`, the boundary handling of CMA-ES by reflection): the identity inside the range, so the
+start point is written as it is, and a box CMA-ES never leaves, so Optuna's bounded CMA-ES never redraws.
+
+**The run.** The first trials are enqueued: the sources' own models (``baselines``: each model's own layer
+order with its own embeddings and head, scale 1), then the start point of CMA-ES (``init: own_order``: the input
+model's own order, unit scales), then CMA-ES's samples. The budget is ``population x generations`` searched
+trials plus the baselines; generation ``g`` is the ``g``-th block of ``population`` finished searched trials in
+order of completion (one worker: CMA-ES's own generations).
 
 Persistence and distribution are Optuna's: every trial lives in an Optuna storage (an SQLite file in the run
-folder by default, or a PostgreSQL URL shared by many workers running the same command). Each worker loads the
-sources once, assembles every candidate in memory and evaluates it. A worker that dies leaves its trial RUNNING;
-Optuna's heartbeat marks it failed after ``heartbeat`` seconds and it is re-enqueued once, so no finished trial
-is lost or repeated.
+folder by default, or a PostgreSQL URL shared by many workers running the same command). A worker starts a trial
+only while the budget has room (a trial created beyond it by a race is dropped before it samples), and waits for
+the trials other workers run before it stops, so every worker ends with the same table. A worker that dies
+leaves its trial RUNNING; after ``heartbeat`` seconds without its heartbeat any worker (a restarted one too)
+marks it failed and enqueues it again, once.
 
 The objective is the weighted sum of one or more evaluators' scores (``evaluate.Objective``). Every candidate is
 scored chunk by chunk; each example's share of the objective is reported to Optuna's ``WilcoxonPruner`` (step: the
@@ -20,44 +40,51 @@ best so far on the examples scored (one-sided Wilcoxon signed-rank test, ``p < p
 *pruned* trial returns the mean of what it reported, an estimate of its objective, as the pruner's documentation
 advises: CMA-ES ranks it in its generation (a raised ``TrialPruned`` gives CMA-ES no value, and a generation in
 which most candidates are pruned never completes). It is marked ``pruned``, counts in the budget and is never the
-best.
+best. Baselines are scored in full and report too, so that the pruner can compare a candidate with a source.
 
-Outputs in the run folder, rewritten as the search goes: ``best_recipe.yml`` (legacy format, for
-``dfsmerge merge``), ``best_recipe_native.yml``, ``trials.csv``, ``progress.png`` and ``best_recipe.png``.
+Outputs in the run folder, rewritten after every trial: ``best_recipe.yml`` (legacy format, for ``dfsmerge
+merge``), ``best_recipe_native.yml``, ``trials.csv``, and (at most every 30 s and 1% of the time, and at the end)
+``progress.png`` and ``best_recipe.png``. Three splits: the search split is optimised, the validation split chooses the reported
+best, the test split (``test:``) is only reported, for the best and the baselines.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
-import logging
+import json
 import math
 import os
 import random
 import socket
 import statistics
-import sys
 import time
 import warnings
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
-from .evaluate import make_objective, speed_defaults
+from .evaluate import Objective, make_objective, speed_defaults
 from .plan import dtype_name
-from .recipe import (Recipe, RecipeError, Source, load_yaml, parse_source, dump_legacy, dump_native,
+from .recipe import (Hop, Recipe, RecipeError, Source, dump_legacy, dump_native, load_yaml, parse_source,
                      recipe_from_legacy)
 
-__all__ = ["SearchConfig", "SearchSpace", "load_search", "parse_search", "evolve", "done_trials"]
-
-log = logging.getLogger("dfsmerge")
+__all__ = ["SearchConfig", "SearchSpace", "Candidate", "Splits", "load_search", "read_search", "parse_search",
+           "search_evaluators", "evolve", "EvolveResult", "done_trials", "best_trial", "state_of", "score_of",
+           "mirror"]
 
 _TOP_KEYS = ("models", "num_r", "input_layer_model", "output_layer_model", "search", "evaluator", "evaluators",
-             "dtype", "device", "cache_dir")
-_SEARCH_KEYS = ("population", "generations", "seed", "sigma0", "scales", "keep_ends", "init", "max_hops",
-                "heartbeat", "prune")
+             "test", "dtype", "device", "cache_dir")
+_SEARCH_KEYS = ("population", "generations", "seed", "sampler", "sigma0", "scales", "scale_by", "keep_ends",
+                "init", "max_hops", "baselines", "heartbeat", "prune")
+SAMPLERS = ("cmaes", "sep-cmaes", "random")
+FULL_CMA_MAX = 100  # parameters; above, the default sampler is sep-cmaes (see sampler_kind)
+_PERIODS = 25  # each parameter's box spans this many mirror periods beyond each end of its range
 _PLOT_EVERY_S = 30.0
+_POLL_S = 1.0  # how often a worker with nothing to start looks at the study again
 
 
 # ---------------------------------------------------------------------------------------------------- config
@@ -70,17 +97,21 @@ class SearchConfig:
 
     sources: list[Source]
     evaluator: dict | list  # one evaluator's mapping, or a list of them with weights (`evaluators:`)
+    test: dict | list | None = None  # evaluator sections scored whole, for the report only
     num_r: int = 3
     input_model: int = 0
     output_model: int = 0
     population: int = 16
     generations: int = 25
     seed: int = 0
-    sigma0: float | None = None  # initial CMA-ES step, as a fraction of each parameter's range (Optuna: 1/6)
+    sampler: str | None = None  # cmaes, sep-cmaes, random; None: cmaes up to FULL_CMA_MAX parameters
+    sigma0: float | None = None  # initial CMA-ES step, as a fraction of each parameter's range (default 1/6)
     scales: tuple[float, float] | None = (0.5, 1.5)
+    scale_by: str = "slot"  # slot: one scale per slot; pair: W[from layer, to layer]
     keep_ends: bool = True
     init: str = "own_order"
     max_hops: int | None = None
+    baselines: bool = True
     heartbeat: int = 30  # seconds of silence after which a worker's running trial counts as lost
     prune: float | None = 0.1  # p-value threshold of the Wilcoxon pruner; None: every candidate scored in full
     dtype: str = "float32"  # parse_search: by the device (evaluate.speed_defaults)
@@ -91,8 +122,13 @@ class SearchConfig:
 
     @property
     def trials(self) -> int:
-        """The budget: ``population x generations`` finished trials."""
+        """The searched budget: ``population x generations`` finished trials."""
         return self.population * self.generations
+
+    @property
+    def budget(self) -> int:
+        """All finished trials of a complete run: the baselines and the searched ones."""
+        return (len(self.sources) if self.baselines else 0) + self.trials
 
 
 def _integer(value: Any, where: str, low: int) -> int:
@@ -105,6 +141,22 @@ def _flag(value: Any, where: str) -> bool:
     if not isinstance(value, bool):
         raise RecipeError(f"{where}: expected true or false, got {value!r}")
     return value
+
+
+def _choice(value: Any, where: str, choices: Iterable[str]) -> str:
+    choices = tuple(choices)
+    if value not in choices:
+        raise RecipeError(f"{where}: expected {' or '.join(choices)}, got {value!r}")
+    return value
+
+
+def _scales(value: Any) -> tuple[float, float] | None:
+    if value is False:
+        return None
+    if (isinstance(value, list) and len(value) == 2 and all(isinstance(s, (int, float)) and not isinstance(s, bool)
+                                                            for s in value) and 0 <= value[0] < value[1]):
+        return float(value[0]), float(value[1])
+    raise RecipeError(f"search.scales: expected [low, high] with 0 <= low < high, or false, got {value!r}")
 
 
 def parse_search(doc: dict, base: Path = Path(".")) -> SearchConfig:
@@ -125,7 +177,8 @@ def parse_search(doc: dict, base: Path = Path(".")) -> SearchConfig:
     unknown = sorted(set(search) - set(_SEARCH_KEYS))
     if unknown:
         raise RecipeError(f"search: unknown keys {unknown}; expected some of {list(_SEARCH_KEYS)}")
-    config = SearchConfig(sources=sources, evaluator=doc.get("evaluator", doc.get("evaluators")), base=base)
+    config = SearchConfig(sources=sources, evaluator=doc.get("evaluator", doc.get("evaluators")), test=doc.get("test"),
+                          base=base)
     config.num_r = _integer(doc.get("num_r", config.num_r), "num_r", 1)
     for key, attr in (("input_layer_model", "input_model"), ("output_layer_model", "output_model")):
         value = doc.get(key, 0)
@@ -144,15 +197,9 @@ def parse_search(doc: dict, base: Path = Path(".")) -> SearchConfig:
             raise RecipeError(f"search.sigma0: expected a number in (0, 1] (a fraction of each parameter's "
                               f"range), got {sigma0!r}")
         config.sigma0 = float(sigma0)
-    scales = search.get("scales", list(config.scales))
-    if scales is False:
-        config.scales = None
-    elif (isinstance(scales, list) and len(scales) == 2 and all(isinstance(s, (int, float)) and
-                                                               not isinstance(s, bool) for s in scales)
-          and 0 <= scales[0] < scales[1]):
-        config.scales = (float(scales[0]), float(scales[1]))
-    else:
-        raise RecipeError(f"search.scales: expected [low, high] with 0 <= low < high, or false, got {scales!r}")
+    if search.get("sampler") is not None:
+        config.sampler = _choice(search["sampler"], "search.sampler", SAMPLERS)
+    config.scales = _scales(search.get("scales", list(config.scales)))
     prune = search.get("prune", True)
     if prune is True or prune is False:
         config.prune = config.prune if prune else None
@@ -160,17 +207,17 @@ def parse_search(doc: dict, base: Path = Path(".")) -> SearchConfig:
         config.prune = prune
     else:
         raise RecipeError(f"search.prune: expected true, false or a p-value threshold in (0, 1), got {prune!r}")
+    config.scale_by = _choice(search.get("scale_by", config.scale_by), "search.scale_by", ("slot", "pair"))
     config.keep_ends = _flag(search.get("keep_ends", config.keep_ends), "search.keep_ends")
-    config.init = search.get("init", config.init)
-    if config.init not in ("own_order", "center"):
-        raise RecipeError(f"search.init: expected own_order or center, got {config.init!r}")
+    config.baselines = _flag(search.get("baselines", config.baselines), "search.baselines")
+    config.init = _choice(search.get("init", config.init), "search.init", ("own_order", "center"))
     for key in ("dtype", "device", "cache_dir"):
         if key in doc:
             if not isinstance(doc[key], str):
                 raise RecipeError(f"{key}: expected a string, got {doc[key]!r}")
             setattr(config, key, doc[key])
     config.dtype = dtype_name(doc.get("dtype", speed_defaults(config.device)["dtype"]))
-    make_objective(config.evaluator, base, config.device)  # fail now on a bad evaluator or data, not per trial
+    search_evaluators(config)  # fail now on a bad evaluator or data, not in every trial
     return config
 
 
@@ -178,14 +225,8 @@ def load_search(path: str | os.PathLike) -> SearchConfig:
     """Read a search file (same safe YAML loader as recipes) and the depth of its sources (configs only)."""
     from .sources import read_config
 
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise RecipeError(f"cannot read search file {path}: {exc.strerror}") from None
-    base = path.resolve().parent
-    config = parse_search(load_yaml(text, str(path)), base)
-    config.sources = [Source(str(base / s.path), s.revision) if (base / s.path).exists()
+    config = read_search(path)
+    config.sources = [Source(str(config.base / s.path), s.revision) if (config.base / s.path).exists()
                       and not Path(s.path).is_absolute() else s for s in config.sources]
     depths = [int(read_config(s, config.cache_dir)["num_hidden_layers"]) for s in config.sources]
     if len(set(depths)) > 1:
@@ -194,15 +235,107 @@ def load_search(path: str | os.PathLike) -> SearchConfig:
     return config
 
 
+def read_search(path: str | os.PathLike) -> SearchConfig:
+    """A search file parsed and checked, its sources not opened (``dfsmerge eval --search`` needs no more)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise RecipeError(f"cannot read search file {path}: {exc.strerror}") from None
+    return parse_search(load_yaml(text, str(path)), path.resolve().parent)
+
+
+@dataclass
+class Splits:
+    """A search's three splits: ``objective`` (its evaluators: their search parts are optimised, their held-out
+    parts, the *validation* split, choose the reported best) and ``test`` (the ``test:`` section's evaluators,
+    scored whole; reported only, for the best and the baselines; None without one)."""
+
+    objective: Objective
+    test: Objective | None
+
+    @property
+    def validated(self) -> bool:
+        return any(p.held_out is not None for p in self.objective.parts)
+
+    def sizes(self) -> dict[str, int]:
+        """Examples per split."""
+        parts = self.objective.parts
+        sizes = {"search": sum(len(p.search.examples) for p in parts)}
+        if self.validated:
+            sizes["validation"] = sum(len(p.held_out.examples) for p in parts if p.held_out is not None)
+        if self.test is not None:
+            sizes["test"] = sum(len(p.search.examples) for p in self.test.parts)
+        return sizes
+
+    def validation(self, model: Any, tokenizer: Any, scores: list[float]) -> float:
+        """The objective on the held-out parts (an evaluator without one counts with its search ``scores``)."""
+        parts = self.objective.parts
+        return self.objective.value([s if p.held_out is None else p.held_out(model, tokenizer)
+                                     for p, s in zip(parts, scores)])
+
+    def tested(self, model: Any, tokenizer: Any) -> float:
+        assert self.test is not None
+        return self.test.value([p.search(model, tokenizer) for p in self.test.parts])
+
+
+def search_evaluators(config: SearchConfig) -> Splits:
+    """The search's splits (:class:`Splits`), from ``evaluator:`` or ``evaluators:`` and ``test:`` (one
+    evaluator section or a list, as ``evaluators:``, without ``validation``: the test split is scored whole)."""
+    objective = make_objective(config.evaluator, config.base, config.device)
+    test = config.test
+    if test is None:
+        return Splits(objective, None)
+    items = test if isinstance(test, list) else [test]
+    if not items or not all(isinstance(item, dict) and "validation" not in item for item in items):
+        raise RecipeError("test: expected an evaluator section (type, data, ...) or a list of them, without "
+                          f"`validation`: the test split is scored whole, got {test!r}")
+    whole = [{**item, "validation": 0} for item in items]
+    try:
+        return Splits(objective, make_objective(whole if isinstance(test, list) else whole[0], config.base,
+                                                config.device))
+    except RecipeError as exc:
+        raise RecipeError(f"test: {exc}") from None
+
+
 # ---------------------------------------------------------------------------------------------------- space
+
+
+def mirror(u: float, low: float, high: float) -> float:
+    """``u`` reflected into ``[low, high]``: the identity inside the range, a zig-zag of period
+    ``2 (high - low)`` outside (CMA-ES boundary handling by mirroring; Hansen, *The CMA Evolution Strategy: A
+    Tutorial*, on box constraints)."""
+    width = high - low
+    t = (u - low) % (2 * width)
+    return low + (t if t <= width else 2 * width - t)
+
+
+def _box(low: float, high: float) -> tuple[float, float]:
+    """The box a parameter is drawn in: ``_PERIODS`` whole mirror periods on each side of its range, so a
+    uniform draw in the box is uniform in the range."""
+    reach = 2 * _PERIODS * (high - low)
+    return low - reach, high + reach
+
+
+Layer = tuple[int, int]  # (model, layer)
+Slot = tuple[int, int, int]  # (repetition, model, layer)
+
+
+@dataclass
+class Candidate:
+    """A point of the space as a legacy recipe: ``mask`` and ``scales`` grids of shape (num_r, models, layers)
+    and the scale of the appended last hop (``keep_ends``)."""
+
+    mask: list
+    scales: list
+    last_scale: float = 1.0
 
 
 class SearchSpace:
     """The paper's search space over slots ``(repetition, model, layer)``; candidates are legacy recipes."""
 
     def __init__(self, config: SearchConfig):
-        self.config = config
-        c = config
+        self.config = c = config
         self.shape = (c.num_r, len(c.sources), c.layers)
         self.slots = [(n, m, layer) for n in range(c.num_r) for m in range(len(c.sources))
                       for layer in range(c.layers)]
@@ -211,19 +344,49 @@ class SearchSpace:
         # model's last layer is appended by add_last_layer.
         self.forced = {first: True, **{s: False for s in self.slots if s < first}} if c.keep_ends else {}
         self.free = [s for s in self.slots if s not in self.forced]
+        self.last = (c.output_model, c.layers - 1)
+        self.pairs = self._pairs() if c.scales and c.scale_by == "pair" else []
+        ranges = {self.name("use", s): (-1.0, 1.0) for s in self.free}
+        if c.scales and c.scale_by == "slot":
+            ranges |= {self.name("scale", s): c.scales for s in self.free}
+        ranges |= {self.pair_name(a, b): c.scales for a, b in self.pairs}
+        self.ranges: dict[str, tuple[float, float]] = ranges
+        self.boxes = {name: _box(*r) for name, r in ranges.items()}
 
     @staticmethod
-    def name(kind: str, slot: tuple[int, int, int]) -> str:
+    def name(kind: str, slot: Slot) -> str:
         return f"{kind}_{slot[0]}_{slot[1]}_{slot[2]}"
+
+    @staticmethod
+    def pair_name(a: Layer | None, b: Layer) -> str:
+        """``w_<from>_<to>``, a layer written ``model.layer`` and the embeddings ``e``."""
+        return f"w_{'e' if a is None else f'{a[0]}.{a[1]}'}_{b[0]}.{b[1]}"
+
+    def _pairs(self) -> list[tuple[Layer | None, Layer]]:
+        """The (from, to) pairs a candidate can hold: ``a`` before ``b`` when a slot of ``a`` comes before a slot
+        of ``b``; the embeddings before any layer that can be first; anything before the appended last layer."""
+        possible = [s for s in self.slots if self.forced.get(s, True)]
+        first_at: dict[Layer, int] = {}
+        last_at: dict[Layer, int] = {}
+        for position, (_, m, layer) in enumerate(possible):
+            first_at.setdefault((m, layer), position)
+            last_at[(m, layer)] = position
+        starts = [possible[0][1:]] if self.config.keep_ends else list(first_at)
+        pairs: list[tuple[Layer | None, Layer]] = [(None, b) for b in starts]
+        pairs += [(a, b) for a in first_at for b in last_at if first_at[a] < last_at[b]]
+        if self.config.keep_ends:
+            pairs += [(a, self.last) for a in first_at]
+        return list(dict.fromkeys(pairs))
+
+    def distributions(self) -> dict[str, Any]:
+        """Optuna's distribution of every parameter, in a fixed order."""
+        from optuna.distributions import FloatDistribution
+
+        return {name: FloatDistribution(*box) for name, box in self.boxes.items()}
 
     def suggest(self, trial: Any) -> dict[str, float]:
         """Draw every parameter of a candidate through ``trial.suggest_float``."""
-        params = {}
-        for slot in self.free:
-            params[self.name("use", slot)] = trial.suggest_float(self.name("use", slot), -1.0, 1.0)
-            if self.config.scales:
-                params[self.name("scale", slot)] = trial.suggest_float(self.name("scale", slot), *self.config.scales)
-        return params
+        return {name: trial.suggest_float(name, *box) for name, box in self.boxes.items()}
 
     def x0(self) -> dict[str, float] | None:
         """The CMA-ES start: the input model's own layer order, unit scales (None: the centre of the space)."""
@@ -231,51 +394,70 @@ class SearchSpace:
         if c.init != "own_order":
             return None
         own = {(0, c.input_model, layer) for layer in range(c.layers - (1 if c.keep_ends else 0))}
-        x0 = {}
-        for slot in self.free:
-            x0[self.name("use", slot)] = 0.5 if slot in own else -0.5
-            if c.scales:
-                x0[self.name("scale", slot)] = min(max(1.0, c.scales[0]), c.scales[1])
-        return x0
+        x0 = {self.name("use", s): 0.5 if s in own else -0.5 for s in self.free}
+        one = min(max(1.0, c.scales[0]), c.scales[1]) if c.scales else 1.0
+        return x0 | {name: one for name in self.boxes if name not in x0}
 
-    def decode(self, params: dict[str, float]) -> tuple[list, list]:
-        """Parameters -> (``layer_mask``, ``scaling_factors``) grids, with the constraints applied."""
+    def value(self, params: dict[str, float], name: str) -> float:
+        """A parameter mirrored into its range."""
+        return mirror(params[name], *self.ranges[name])
+
+    def decode(self, params: dict[str, float]) -> Candidate:
+        """Parameters -> the candidate, with the constraints applied."""
         n_r, n_m, n_l = self.shape
         mask = [[[False] * n_l for _ in range(n_m)] for _ in range(n_r)]
         scales = [[[1.0] * n_l for _ in range(n_m)] for _ in range(n_r)]
-        used = [s for s in self.free if params[self.name("use", s)] > 0]
+        use = {s: self.value(params, self.name("use", s)) for s in self.free}
+        used = [s for s in self.free if use[s] > 0]
         budget = None if self.config.max_hops is None else (
             self.config.max_hops - sum(self.forced.values()) - int(self.config.keep_ends))
         if budget is not None and len(used) > budget:
-            keep = set(sorted(used, key=lambda s: -params[self.name("use", s)])[:max(budget, 0)])
+            keep = set(sorted(used, key=lambda s: -use[s])[:max(budget, 0)])
             used = [s for s in used if s in keep]
-        for (n, m, layer) in used:
+        on = set(used) | {s for s, forced_on in self.forced.items() if forced_on}
+        hops = [s for s in self.slots if s in on]
+        previous: Layer | None = None
+        for (n, m, layer) in hops:
             mask[n][m][layer] = True
-            if self.config.scales:
-                scales[n][m][layer] = round(params[self.name("scale", (n, m, layer))], 6)
-        for (n, m, layer), on in self.forced.items():
-            mask[n][m][layer] = on
-        return mask, scales
+            if self.pairs:
+                scales[n][m][layer] = round(self.value(params, self.pair_name(previous, (m, layer))), 6)
+            elif self.config.scales and (n, m, layer) in use:
+                scales[n][m][layer] = round(self.value(params, self.name("scale", (n, m, layer))), 6)
+            previous = (m, layer)
+        last_scale = 1.0
+        if self.pairs and self.config.keep_ends:
+            last_scale = round(self.value(params, self.pair_name(previous, self.last)), 6)
+        return Candidate(mask, scales, last_scale)
 
-    def recipe(self, mask: list, scales: list) -> Recipe:
+    def recipe(self, candidate: Candidate) -> Recipe:
         """The candidate as a checked :class:`Recipe` (raises :class:`RecipeError` when no slot is used)."""
         c = self.config
-        return recipe_from_legacy([[s.path, s.revision] for s in c.sources], c.num_r, mask, scales,
-                                  input_layer_model=c.input_model, output_layer_model=c.output_model,
-                                  add_last_layer=c.keep_ends)
+        return recipe_from_legacy([[s.path, s.revision] for s in c.sources], c.num_r, candidate.mask,
+                                  candidate.scales, input_layer_model=c.input_model,
+                                  output_layer_model=c.output_model, add_last_layer=c.keep_ends,
+                                  last_layer_scale=candidate.last_scale)
 
-    def dump(self, mask: list, scales: list) -> tuple[str, str]:
+    def dump(self, candidate: Candidate) -> tuple[str, str]:
         """(legacy YAML, native YAML) of a candidate."""
         c = self.config
-        legacy = dump_legacy(c.sources, mask, scales, c.input_model, c.output_model, add_last_layer=c.keep_ends)
-        return legacy, dump_native(self.recipe(mask, scales))
+        legacy = dump_legacy(c.sources, candidate.mask, candidate.scales, c.input_model, c.output_model,
+                             add_last_layer=c.keep_ends, last_layer_scale=candidate.last_scale)
+        return legacy, dump_native(self.recipe(candidate))
 
-    def signature(self) -> dict:
-        """What must not change when a study is resumed: the parameters and what they mean."""
+    def baseline(self, model: int) -> Recipe:
+        """Source ``model`` as it is: its own layers in order, its embeddings and head, scale 1."""
         c = self.config
-        return {"models": [str(s) for s in c.sources], "layers": c.layers, "num_r": c.num_r,
-                "input_model": c.input_model, "output_model": c.output_model, "keep_ends": c.keep_ends,
-                "scales": list(c.scales) if c.scales else None, "max_hops": c.max_hops}
+        hops = [Hop(model, layer) for layer in range(c.layers)]
+        return Recipe(list(c.sources), hops, input_model=model, output_model=model).check()
+
+    def describe(self) -> str:
+        """One line: the number of parameters and what they are."""
+        c = self.config
+        n_use = len(self.free)
+        scales = ("no scales" if not c.scales else
+                  f"{n_use} slot scales in {list(c.scales)}" if c.scale_by == "slot" else
+                  f"{len(self.pairs)} pair scales W[from, to] in {list(c.scales)}")
+        return f"{len(self.boxes)} parameters: {n_use} slot indicators, {scales}"
 
 
 def summary(recipe: Recipe) -> str:
@@ -290,31 +472,50 @@ def summary(recipe: Recipe) -> str:
 # ---------------------------------------------------------------------------------------------------- study
 
 
-def done_trials(trials: Iterable[Any]) -> list[Any]:
-    """Finished trials in order of completion: completed ones (pruned ones among them) and those that failed in
-    evaluation (a trial failed because its worker died is not finished; it is retried)."""
+def _finished(t: Any) -> bool:
+    """A trial of the budget that is over: complete, or failed in evaluation. A trial failed because its worker
+    died is not (it is retried), nor one dropped because the budget was full (``surplus``)."""
     from optuna.trial import TrialState
 
-    done = [t for t in trials if t.state == TrialState.COMPLETE
-            or (t.state == TrialState.FAIL and "error" in t.user_attrs)]
-    return sorted(done, key=lambda t: (t.datetime_complete, t.number))
+    return t.state == TrialState.COMPLETE or (t.state == TrialState.FAIL and "error" in t.user_attrs)
+
+
+def done_trials(trials: Iterable[Any]) -> list[Any]:
+    """Finished trials (:func:`_finished`) in order of completion."""
+    return sorted((t for t in trials if _finished(t)), key=lambda t: (t.datetime_complete, t.number))
+
+
+def _counted(t: Any) -> bool:
+    """Finished, running or queued: a trial that holds a place in the budget."""
+    from optuna.trial import TrialState
+
+    return _finished(t) or t.state in (TrialState.RUNNING, TrialState.WAITING)
+
+
+def _kind(t: Any) -> str:
+    """baseline, init (the start point), retry (of a searched trial whose worker died) or search."""
+    attrs = t.user_attrs
+    return ("baseline" if "baseline" in attrs else "retry" if "retry_of" in attrs else
+            "init" if "init" in attrs else "search")
 
 
 def _retry_once(study: Any, trial: Any) -> None:
-    """Re-enqueue a trial whose worker died (params only: the sampler's bookkeeping is not copied)."""
-    if "retry_of" not in trial.user_attrs and trial.params:
-        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+    """Re-enqueue a trial whose worker died: same parameters (or the same baseline), once."""
+    marks = {k: v for k, v in trial.user_attrs.items() if k in ("baseline", "init")}
+    if "retry_of" not in trial.user_attrs and (trial.params or marks):
+        study.enqueue_trial(trial.params, user_attrs={**marks, "retry_of": trial.number})
 
 
 def _sqlite_engine(url: str) -> dict:
-    """SQLite in write-ahead-log mode without an fsync per commit: Optuna commits once per parameter, and
-    a killed process still loses nothing committed (only a crash of the machine could)."""
+    """SQLite in write-ahead-log mode without an fsync per commit (Optuna commits once per parameter; a
+    killed process still loses nothing committed), and no implicit transactions: :func:`_begin_immediate`
+    opens each one."""
     import sqlite3
 
     path = url[len("sqlite:///"):]
 
     def connect() -> sqlite3.Connection:
-        connection = sqlite3.connect(path, timeout=60, check_same_thread=False)
+        connection = sqlite3.connect(path, timeout=60, check_same_thread=False, isolation_level=None)
         connection.execute("PRAGMA journal_mode=WAL")
         connection.execute("PRAGMA synchronous=NORMAL")
         return connection
@@ -322,65 +523,192 @@ def _sqlite_engine(url: str) -> dict:
     return {"creator": connect}
 
 
-def _trial_seeded_random(seed: int) -> Any:
-    """The sampler of the first trials (before CMA-ES knows the space): uniform draws seeded by the seed and
-    the trial number, so one worker is reproducible and workers that start together draw different ones."""
-    import numpy as np
-    import optuna
-
-    class TrialSeededRandom(optuna.samplers.RandomSampler):
-        def sample_independent(self, study: Any, trial: Any, name: str, distribution: Any) -> float:
-            rng = np.random.RandomState([seed, trial.number, zlib.crc32(name.encode())])
-            return float(rng.uniform(distribution.low, distribution.high))
-
-    return TrialSeededRandom(seed)
+def _begin_immediate(connection: Any) -> None:
+    """Every SQLite transaction takes the write lock when it starts, so that Optuna's read-then-write steps
+    (claiming a queued trial) are atomic between workers, as they are on PostgreSQL (``SELECT ... FOR
+    UPDATE``). Without it two workers can claim the same queued trial (pysqlite starts a transaction only at
+    the first write; SQLAlchemy's documented pysqlite recipe)."""
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
-def open_study(config: SearchConfig, space: SearchSpace, storage: str, study_name: str) -> Any:
-    """Create or load the study (``load_if_exists``) with a heartbeat, and check it is the same search."""
+def _storage(url: str, heartbeat: int) -> Any:
+    """Optuna's RDB storage with a heartbeat: a trial silent for ``heartbeat`` seconds is failed and retried."""
     import optuna
     import sqlalchemy
 
-    optuna.logging.set_verbosity(optuna.logging.ERROR)  # progress and failures are reported by this module
-    if storage.startswith("postgresql://"):  # one driver whatever SQLAlchemy's default: psycopg 3
-        storage = "postgresql+psycopg://" + storage[len("postgresql://"):]
-    engine_kwargs = _sqlite_engine(storage) if storage.startswith("sqlite:///") else {"pool_pre_ping": True}
+    if url.startswith("postgresql://"):  # one driver whatever SQLAlchemy's default: psycopg 3
+        url = "postgresql+psycopg://" + url[len("postgresql://"):]
+    sqlite = url.startswith("sqlite:///")
+    engine_kwargs = _sqlite_engine(url) if sqlite else {"pool_pre_ping": True}
     for attempt in range(5):
         try:
             with warnings.catch_warnings():  # the heartbeat is marked experimental since Optuna 2.9
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 rdb = optuna.storages.RDBStorage(
-                    storage, engine_kwargs=engine_kwargs, heartbeat_interval=max(1, config.heartbeat // 5),
-                    grace_period=config.heartbeat, heartbeat_stale_trial_callback=_retry_once)
+                    url, engine_kwargs=engine_kwargs, heartbeat_interval=max(1, heartbeat // 5),
+                    grace_period=heartbeat, heartbeat_stale_trial_callback=_retry_once)
             break
         except ImportError as exc:  # the URL's database driver is not installed (Optuna re-raises SQLAlchemy's)
             driver = exc.name or getattr(exc.__cause__, "name", None) or "module"
-            extra = "pip install 'dfsmerge[postgres]'" if storage.startswith("postgresql") else f"install {driver}"
-            raise RecipeError(f"storage {storage}: its database driver {driver} is not installed ({extra})") from None
+            extra = "pip install 'dfsmerge[postgres]'" if url.startswith("postgresql") else f"install {driver}"
+            raise RecipeError(f"storage {url}: its database driver {driver} is not installed ({extra})") from None
         except sqlalchemy.exc.SQLAlchemyError as exc:  # also: workers creating a new database's tables at once
             if attempt == 4:
-                raise RecipeError(f"storage {storage}: cannot open it: {exc}") from None
+                raise RecipeError(f"storage {url}: cannot open it: {exc}") from None
             time.sleep(0.2 + random.random())
+    if sqlite:
+        sqlalchemy.event.listen(rdb.engine, "begin", _begin_immediate)
+    return rdb
+
+
+def sampler_kind(config: SearchConfig, space: SearchSpace) -> str:
+    """The sampler a search uses: the configured one, else full CMA-ES up to ``FULL_CMA_MAX`` parameters and
+    separable (diagonal) CMA-ES above. Above ~100 parameters full CMA-ES cannot learn its covariance within a
+    search's budget (its learning rates are ~2/n^2 per generation: under 0.5% in 25 generations at n = 238),
+    while its cost grows as n^3 per sample and its state (n^2 floats, stored by Optuna after every
+    generation: ~700 storage rows at n = 238) as n^2; separable CMA-ES learns the diagonal ~n/3 times faster
+    at a cost linear in n (Ros & Hansen 2008)."""
+    return config.sampler or ("cmaes" if len(space.boxes) <= FULL_CMA_MAX else "sep-cmaes")
+
+
+def make_sampler(config: SearchConfig, space: SearchSpace) -> Any:
+    """Optuna's ``CmaEsSampler`` over the fixed space (baselines skipped, the start point handed to the init
+    trial), or a random sampler seeded per trial (search baseline of the benchmark)."""
+    import numpy as np
+    import optuna
+    import threadpoolctl
+
+    kind = sampler_kind(config, space)
+    if kind == "random":
+        class TrialSeededRandom(optuna.samplers.RandomSampler):
+            """Uniform draws seeded by the seed, the trial number and the parameter: one worker is reproducible
+            and workers with one seed draw different candidates."""
+
+            def sample_independent(self, study: Any, trial: Any, name: str, distribution: Any) -> float:
+                rng = np.random.RandomState([config.seed, trial.number, zlib.crc32(name.encode())])
+                return float(rng.uniform(distribution.low, distribution.high))
+
+        return TrialSeededRandom(config.seed)
+
+    distributions, start = space.distributions(), space.x0()
+    blas = threadpoolctl.ThreadpoolController()
+
+    class SearchCmaEs(optuna.samplers.CmaEsSampler):
+        """CMA-ES over the whole space from the first trial on (no intersection of past trials, which a
+        baseline without parameters would empty); baseline trials take no sample; the init trial is the mean.
+        NumPy's BLAS runs on one thread here: CMA-ES's eigendecompositions are small, and BLAS threads that
+        fight torch's (or other processes) for the cores made them 15x slower on two busy cores."""
+
+        def infer_relative_search_space(self, study: Any, trial: Any) -> dict[str, Any]:
+            return dict(distributions)
+
+        def sample_relative(self, study: Any, trial: Any, search_space: dict[str, Any]) -> dict[str, Any]:
+            if "baseline" in trial.user_attrs:
+                return {}
+            with blas.limit(limits=1, user_api="blas"):
+                params = super().sample_relative(study, trial, search_space)  # also files it in a generation
+            return dict(start) if "init" in trial.user_attrs and start is not None else params
+
     with warnings.catch_warnings():  # x0 and sigma0 are deprecated in Optuna 4.9, to be removed in 6.0
         warnings.simplefilter("ignore", FutureWarning)
-        sampler = optuna.samplers.CmaEsSampler(x0=space.x0(), sigma0=config.sigma0, seed=config.seed,
-                                               popsize=config.population,
-                                               independent_sampler=_trial_seeded_random(config.seed))
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # use_separable_cma
+        # sigma0 is in Optuna's [0, 1] coordinates of each box, which is 4 * _PERIODS + 1 ranges wide
+        return SearchCmaEs(x0=start, sigma0=(config.sigma0 or 1 / 6) / (4 * _PERIODS + 1), seed=config.seed,
+                           popsize=config.population, n_startup_trials=0,
+                           use_separable_cma=kind == "sep-cmaes")
+
+
+def _data_hashes(spec: Any, base: Path) -> dict[str, str]:
+    """sha256 of every ``data`` file an evaluator section names (sections may nest)."""
+    hashes: dict[str, str] = {}
+    if isinstance(spec, dict):
+        if isinstance(spec.get("data"), str) and (base / spec["data"]).is_file():
+            hashes[spec["data"]] = hashlib.sha256((base / spec["data"]).read_bytes()).hexdigest()
+        for value in spec.values():
+            hashes |= _data_hashes(value, base)
+    elif isinstance(spec, list):
+        for value in spec:
+            hashes |= _data_hashes(value, base)
+    return hashes
+
+
+def _settings(spec: Any) -> Any:
+    """An evaluator section without the settings that change speed only."""
+    if isinstance(spec, dict):
+        return {k: _settings(v) for k, v in sorted(spec.items()) if k not in ("batch_size", "chunk_size")}
+    return [_settings(v) for v in spec] if isinstance(spec, list) else spec
+
+
+def fingerprint(config: SearchConfig, space: SearchSpace) -> dict[str, Any]:
+    """What must not change when a study is resumed, by the search file's field names. ``search.generations``
+    (the budget), the seed, the heartbeat, the pruner's threshold, the device and speed settings may change."""
+    c = config
+    return {
+        "models": [str(s) for s in c.sources], "layers": c.layers, "num_r": c.num_r,
+        "input_layer_model": c.input_model, "output_layer_model": c.output_model, "dtype": c.dtype,
+        "search.population": c.population, "search.sampler": sampler_kind(c, space),
+        "search.sigma0": c.sigma0, "search.scales": list(c.scales) if c.scales else None,
+        "search.scale_by": c.scale_by, "search.keep_ends": c.keep_ends, "search.init": c.init,
+        "search.max_hops": c.max_hops, "search.baselines": c.baselines,
+        "evaluator": _settings(c.evaluator), "evaluator data contents": _data_hashes(c.evaluator, c.base),
+        "test": _settings(c.test), "test data contents": _data_hashes(c.test, c.base),
+    }
+
+
+def _changes(stored: dict, now: dict) -> list[str]:
+    """The fields that differ, with the old and new value where they are short."""
+    changes = []
+    for key in sorted(set(stored) | set(now)):
+        old, new = stored.get(key), now.get(key)
+        if old != new:
+            shown = f"{json.dumps(old)} -> {json.dumps(new)}"
+            changes.append(key if "contents" in key or len(shown) > 80 else f"{key}: {shown}")
+    return changes
+
+
+def open_study(config: SearchConfig, space: SearchSpace, storage: str, study_name: str) -> Any:
+    """Create the study (enqueueing the baselines and the init trial) or load it and check it is the same
+    search. Creation is atomic (the study name is unique in the storage); the worker that creates the study
+    stores the search's fingerprint last, and the others wait for it."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # progress and failures are reported by this module
+    rdb = _storage(storage, config.heartbeat)
+    sampler = make_sampler(config, space)
     with warnings.catch_warnings():  # the Wilcoxon pruner is marked experimental since Optuna 3.6
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         pruner = optuna.pruners.WilcoxonPruner(p_threshold=config.prune) if config.prune else \
             optuna.pruners.NopPruner()
-    study = optuna.create_study(storage=rdb, study_name=study_name, direction="maximize", sampler=sampler,
-                                pruner=pruner, load_if_exists=True)
-    signature = space.signature()
-    stored = study.user_attrs.get("dfsmerge_search")
-    if stored is None:
-        study.set_user_attr("dfsmerge_search", signature)
-    elif stored != signature:
-        diff = sorted(k for k in signature if stored.get(k) != signature[k])
-        raise RecipeError(f"study {study_name!r} in {storage} was made by a different search ({', '.join(diff)} "
-                          "differ); use another --out or --study")
+    now = fingerprint(config, space)
+    try:
+        study = optuna.create_study(storage=rdb, study_name=study_name, direction="maximize", sampler=sampler,
+                                    pruner=pruner)
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(study_name=study_name, storage=rdb, sampler=sampler, pruner=pruner)
+        stored = _wait_for_fingerprint(study)
+        if stored is None:
+            raise RecipeError(f"study {study_name!r} in {storage} was not made by `dfsmerge evolve` (or its "
+                              "creation was interrupted); use another --out or --study") from None
+        changes = _changes(stored, now)
+        if changes:
+            raise RecipeError(f"study {study_name!r} in {storage} was made by a different search "
+                              f"({'; '.join(changes)}); only search.generations may change when resuming: "
+                              "use another --out or --study") from None
+        return study
+    for m in range(len(config.sources)) if config.baselines else ():
+        study.enqueue_trial({}, user_attrs={"baseline": m})
+    if space.x0() is not None:  # CMA-ES hands the start point to this trial; other samplers take it as given
+        cma = sampler_kind(config, space) != "random"
+        study.enqueue_trial({} if cma else space.x0(), user_attrs={"init": True})
+    study.set_user_attr("dfsmerge_search", now)
     return study
+
+
+def _wait_for_fingerprint(study: Any, timeout: float = 60.0) -> dict | None:
+    deadline = time.monotonic() + timeout
+    while (stored := study.user_attrs.get("dfsmerge_search")) is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return stored
 
 
 def state_of(trial: Any) -> str:
@@ -394,9 +722,9 @@ def score_of(trial: Any) -> float | None:
 
 
 def best_trial(trials: list[Any]) -> Any | None:
-    """The reported best: the highest held-out score among trials that have one, else the highest score (pruned
-    trials never)."""
-    complete = [t for t in trials if score_of(t) is not None]
+    """The reported best searched trial: the highest validation score among trials that have one (the leaders
+    of the search split), else the highest search score; pruned trials never, nor baselines."""
+    complete = [t for t in trials if score_of(t) is not None and "baseline" not in t.user_attrs]
     validated = [t for t in complete if "validation" in t.user_attrs]
     if validated:
         return max(validated, key=lambda t: (t.user_attrs["validation"], t.value))
@@ -413,96 +741,138 @@ def _write(path: Path, text: str | bytes) -> None:
     os.replace(tmp, path)
 
 
-def write_trials_csv(path: Path, done: list[Any], population: int, space: SearchSpace,
-                     evaluators: list[str] = ()) -> None:
-    """``trials.csv``: trial, generation, state (complete, pruned, fail), score (the objective; for a pruned trial
-    the estimate from its examples), one column per evaluator when there are several (its score), validation,
-    hops, recipe, worker, error, examples (how many were scored: fewer for a pruned trial)."""
-    out = io.StringIO()
-    writer = csv.writer(out)
+def _number(value: float | None) -> str:
+    return "" if value is None else f"{value:.6g}"
+
+
+def generations(done: list[Any], population: int) -> dict[int, int]:
+    """Trial number -> generation (1-based) of every finished searched trial: the ``g``-th block of
+    ``population`` of them in order of completion."""
+    searched = [t for t in done if "baseline" not in t.user_attrs]
+    return {t.number: i // population + 1 for i, t in enumerate(searched)}
+
+
+def csv_columns(evaluators: list[str]) -> list[str]:
+    """The columns of ``trials.csv``: one per evaluator (its search score) after ``score`` when there are
+    several; ``examples``: how many were scored (fewer for a pruned trial)."""
     names = list(evaluators) if len(evaluators) > 1 else []
-    writer.writerow(["trial", "generation", "state", "score", *names, "validation", "hops", "recipe", "worker",
-                     "error", "examples"])
-    for i, t in enumerate(done):
-        try:
-            recipe = space.recipe(*space.decode(t.params))
-            hops, text = len(recipe.hops), summary(recipe)
-        except RecipeError:  # a candidate without any hop
-            hops, text = 0, ""
-        scores = t.user_attrs.get("scores", {})
-        writer.writerow([t.number, i // population, state_of(t), "" if t.value is None else f"{t.value:.6g}",
-                         *(f"{scores[n]:.6g}" if n in scores else "" for n in names),
-                         f"{t.user_attrs['validation']:.6g}" if "validation" in t.user_attrs else "",
-                         hops, text, t.user_attrs.get("worker", ""), t.user_attrs.get("error", ""),
-                         t.user_attrs.get("examples", "")])
-    _write(path, out.getvalue())
+    return ["trial", "kind", "generation", "state", "score", *names, "validation", "test", "hops", "seconds",
+            "recipe", "worker", "retry_of", "error", "examples"]
 
 
 def generation_stats(done: list[Any], population: int) -> list[tuple[int, float, float]]:
-    """(generation, best score so far, median score of the generation's complete trials) for every full
-    generation."""
+    """(generation, best score so far, median score of the generation's complete trials) for every generation
+    begun."""
+    by_generation: dict[int, list[float]] = {}
+    numbers = generations(done, population)
+    for t in done:
+        if t.number in numbers and score_of(t) is not None:
+            by_generation.setdefault(numbers[t.number], []).append(t.value)
     rows, best = [], -math.inf
-    for g in range(len(done) // population):
-        values = [t.value for t in done[g * population:(g + 1) * population] if score_of(t) is not None]
-        if values:
-            best = max(best, max(values))
-            rows.append((g, best, statistics.median(values)))
+    for g in sorted(by_generation):
+        best = max(best, *by_generation[g])
+        rows.append((g, best, statistics.median(by_generation[g])))
     return rows
 
 
-def write_plots(folder: Path, done: list[Any], population: int, space: SearchSpace, best: Any | None) -> None:
-    """``progress.png`` (best so far and median per generation) and ``best_recipe.png`` (the best recipe's
-    slots: scale where used, blank where unused)."""
+def _baseline_name(config: SearchConfig, model: int) -> str:
+    return f"model {model} ({Path(config.sources[model].path).name or config.sources[model].path})"
+
+
+def write_plots(folder: Path, done: list[Any], config: SearchConfig, space: SearchSpace, best: Any | None) -> None:
+    """``progress.png`` (every searched score by generation, the best so far, the median of each generation, the
+    baselines as reference lines) and ``best_recipe.png`` (the best recipe's slots: scale where used)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
+    from matplotlib.ticker import MaxNLocator
 
-    stats = generation_stats(done, population)
+    numbers = generations(done, config.population)
     fig, ax = plt.subplots(figsize=(7, 4))
+    points = [(numbers[t.number], t.value) for t in done if t.number in numbers and score_of(t) is not None]
+    if points:
+        ax.scatter(*zip(*points), s=8, color="0.6", label="a searched trial")
+    stats = generation_stats(done, config.population)
     if stats:
         g, top, median = zip(*stats)
         ax.plot(g, top, marker="o", label="best so far")
         ax.plot(g, median, marker=".", label="median of generation")
-        ax.legend(loc="lower right")
-    ax.set_xlabel("generation")
-    ax.set_ylabel("score (higher is better)")
+    for i, t in enumerate(t for t in done if "baseline" in t.user_attrs and t.value is not None):
+        ax.axhline(t.value, color=f"C{i + 2}", linestyle="--", linewidth=1,
+                   label=f"baseline {_baseline_name(config, t.user_attrs['baseline'])}")
+    if points or stats:
+        ax.legend(loc="lower right", fontsize=8)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel(f"generation ({config.population} trials each)")
+    ax.set_ylabel("search score (higher is better)")
     ax.grid(alpha=0.3)
+    _save(fig, folder / "progress.png")
+    if best is not None:
+        _plot_recipe(folder / "best_recipe.png", space, best)
+
+
+def _save(fig: Any, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
-    _write(folder / "progress.png", buffer.getvalue())
-    if best is None:
-        return
-    mask, scales = space.decode(best.params)
+    _write(path, buffer.getvalue())
+
+
+def _plot_recipe(path: Path, space: SearchSpace, best: Any) -> None:
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    candidate = space.decode(best.params)
     n_r, n_m, n_l = space.shape
     grid = np.full((n_m, n_r * n_l), np.nan)
     for n in range(n_r):
         for m in range(n_m):
             for layer in range(n_l):
-                if mask[n][m][layer]:
-                    grid[m, n * n_l + layer] = scales[n][m][layer]
+                if candidate.mask[n][m][layer]:
+                    grid[m, n * n_l + layer] = candidate.scales[n][m][layer]
     fig, ax = plt.subplots(figsize=(min(16, max(6, 0.25 * n_r * n_l + 2)), 1.4 + 0.6 * n_m))
     image = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap="viridis", interpolation="nearest")
     ax.set_yticks(range(n_m), [f"model {m}" for m in range(n_m)])
     step = max(1, n_l // 8)
     ticks = [n * n_l + layer for n in range(n_r) for layer in range(0, n_l, step)]
     ax.set_xticks(ticks, [str(t % n_l) for t in ticks], fontsize=7)
-    ax.set_xlabel("layer, in repetitions 0.." + str(n_r - 1) + " (separated by lines)"
-                  + (f"; model {space.config.output_model}'s last layer is appended" if space.config.keep_ends else ""))
+    c = space.config
+    ax.set_xlabel(f"layer, in repetitions 0..{n_r - 1} (separated by lines)"
+                  + (f"; model {c.output_model}'s last layer is appended" if c.keep_ends else ""))
     for n in range(1, n_r):
         ax.axvline(n * n_l - 0.5, color="black", linewidth=0.8)
-    held_out = f", held-out {best.user_attrs['validation']:.4g}" if "validation" in best.user_attrs else ""
-    ax.set_title(f"best recipe: trial {best.number}, score {best.value:.4g}{held_out}; used slots coloured by scale",
-                 fontsize=9)
+    held_out = f", validation {best.user_attrs['validation']:.4g}" if "validation" in best.user_attrs else ""
+    ax.set_title(f"best recipe: trial {best.number}, score {best.value:.4g}{held_out}; used slots coloured by "
+                 "the scale of their hop", fontsize=9)
     fig.colorbar(image, ax=ax, label="scale")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    _write(folder / "best_recipe.png", buffer.getvalue())
+    _save(fig, path)
+
+
+@dataclass
+class Scores:
+    """One row of the final table: a model's scores on the three splits (None: not computed)."""
+
+    name: str
+    search: float | None
+    validation: float | None = None
+    test: float | None = None
+
+
+def format_table(rows: list[Scores], markdown: bool = False) -> str:
+    """The final table, plain text or Markdown; a split no row has a score on is left out."""
+    splits = [s for s in ("search", "validation", "test") if any(getattr(r, s) is not None for r in rows)]
+    cells = [[r.name] + ["" if getattr(r, s) is None else f"{getattr(r, s):.5g}" for s in splits] for r in rows]
+    if markdown:
+        lines = ["| model | " + " | ".join(splits) + " |", "|---|" + "---:|" * len(splits)]
+        return "\n".join(lines + [f"| {' | '.join(c)} |" for c in cells])
+    header = ["", *splits]
+    widths = [max(len(row[i]) for row in cells + [header]) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+                     for row in [header] + cells)
 
 
 # ---------------------------------------------------------------------------------------------------- worker
@@ -518,11 +888,31 @@ class _Pruned(Exception):
 
 @dataclass
 class Timing:
-    """Where a worker's time went (seconds): evaluation (assembly + scoring) against the whole run."""
+    """Where one worker's search time went, in seconds: scoring (all splits), sampling (the sampler and the
+    storage writes of the parameters), assembly (decoding and building the candidate), and the whole loop
+    (``other`` = loop - the three: the study's bookkeeping and the outputs). ``waiting`` (for other workers'
+    last trials) and ``loading`` (the sources, once) are outside the loop."""
 
     trials: int = 0
     evaluation: float = 0.0
-    wall: float = 0.0
+    sampling: float = 0.0
+    assembly: float = 0.0
+    loop: float = 0.0
+    waiting: float = 0.0
+    loading: float = 0.0
+
+    @property
+    def other(self) -> float:
+        return max(0.0, self.loop - self.evaluation - self.sampling - self.assembly)
+
+    def line(self) -> str:
+        total = max(self.loop, 1e-9)
+        parts = ", ".join(f"{name} {getattr(self, name) / total:.1%}"
+                          for name in ("evaluation", "sampling", "assembly", "other"))
+        per_trial = self.loop / self.trials if self.trials else math.nan
+        return (f"time: {self.trials} trials in {self.loop:.1f} s ({per_trial:.2f} s per trial): {parts}; "
+                f"sources loaded in {self.loading:.1f} s" + (f", waited {self.waiting:.1f} s for other workers"
+                                                              if self.waiting >= 0.5 else ""))
 
 
 class _Worker:
@@ -532,62 +922,128 @@ class _Worker:
         from .assemble import Sources
 
         self.config, self.space, self.study, self.out, self.quiet = config, space, study, out, quiet
-        self.evaluators = make_objective(config.evaluator, config.base, config.device)
-        self.sources = Sources(config.sources, dtype=config.dtype, device=config.device, cache_dir=config.cache_dir)
         self.timing = Timing()
+        with self.timed("loading"):
+            self.splits = search_evaluators(config)
+            self.sources = Sources(config.sources, dtype=config.dtype, device=config.device,
+                                   cache_dir=config.cache_dir)
+            for source in config.sources:
+                self.sources.model(source)
         self.failures: list[str] = []  # this worker's errors while it has had no success
         self.succeeded = False
-        self.start_done = len(done_trials(study.get_trials(deepcopy=False)))
-        self.printed = self.start_done // config.population  # generations already reported
-        self.start = time.perf_counter()
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.best_number: int | None = None
-        self.last_plot = self.start  # plots cost ~0.5 s: drawn every _PLOT_EVERY_S and at the end
-        self.bar = None if quiet else _bar(config.trials, self.start_done)
+        self.rows: dict[int, tuple[int, str]] = {}  # trial number -> (hops, recipe summary): finished trials
+        self.printed_generations = 0
+        self.started = time.perf_counter()
+        self.start_done = len(done_trials(study.get_trials(deepcopy=False)))
+        self.last_plot, self.plot_cost = self.started, 0.0  # the first plots after _PLOT_EVERY_S
+
+    @contextmanager
+    def timed(self, part: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            setattr(self.timing, part, getattr(self.timing, part) + time.perf_counter() - started)
+
+    # --- the loop
+
+    def run(self) -> None:
+        """Start trials while the budget has room; then wait for the trials other workers run (or a killed
+        worker left: failed after the heartbeat's grace period, then retried here) until all are finished."""
+        import optuna
+        from optuna.trial import TrialState
+
+        announced = False
+        while len(self.failures) < self.config.population or self.succeeded:
+            trials = self.study.get_trials(deepcopy=False)
+            done = [t for t in trials if _finished(t)]
+            if len(done) >= self.config.budget:
+                return
+            states = [t.state for t in trials]
+            if TrialState.WAITING not in states and len(done) + states.count(TrialState.RUNNING) >= self.config.budget:
+                if not announced and not self.quiet:
+                    print(f"waiting for {states.count(TrialState.RUNNING)} running trial(s): other workers', or left "
+                          f"by a killed worker (retried after {self.config.heartbeat} s without a heartbeat)",
+                          flush=True)
+                announced = True
+                with self.timed("waiting"), warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # since Optuna 2.9
+                    optuna.storages.fail_stale_trials(self.study)
+                    time.sleep(_POLL_S)
+                continue
+            with self.timed("loop"):
+                self.study.optimize(self.objective, n_trials=1, callbacks=[self.after_trial],
+                                    gc_after_trial=False)
+
+    def within_budget(self, trial: Any) -> bool:
+        """Whether ``trial`` holds a place in the budget: fewer than ``budget`` trials that hold one have a
+        lower number (numbers are given in order of creation, so of two trials racing for the last place the
+        later one yields)."""
+        trials = self.study.get_trials(deepcopy=False)
+        return sum(1 for t in trials if t.number < trial.number and _counted(t)) < self.config.budget
 
     def objective(self, trial: Any) -> float:
         from .assemble import assemble
 
-        mask, scales = self.space.decode(self.space.suggest(trial))
+        if not self.within_budget(trial):
+            trial.set_user_attr("surplus", True)  # ends FAIL without an error: neither counted nor retried
+            return math.nan
         trial.set_user_attr("worker", self.name)
         started = time.perf_counter()
+        baseline = trial.user_attrs.get("baseline")
         try:
-            recipe = self.space.recipe(mask, scales)
-            model, tokenizer = assemble(recipe, sources=self.sources, dtype=self.config.dtype,
-                                        device=self.config.device, cache_dir=self.config.cache_dir)
-            scores = self.score(trial, model, tokenizer)
-            score = self.evaluators.value(scores)
-            if not math.isfinite(score):
-                raise FloatingPointError(f"the score is {score}")
-            parts = self.evaluators.parts
-            if any(p.held_out is not None for p in parts) and score > self._best_value():
-                held_out = [s if p.held_out is None else p.held_out(model, tokenizer) for p, s in zip(parts, scores)]
-                trial.set_user_attr("validation", self.evaluators.value(held_out))
+            if baseline is not None:
+                recipe = self.space.baseline(baseline)
+            else:
+                with self.timed("sampling"):
+                    params = self.space.suggest(trial)
+                with self.timed("assembly"):
+                    recipe = self.space.recipe(self.space.decode(params))
+            with self.timed("assembly"):
+                model, tokenizer = assemble(recipe, sources=self.sources)
+            with self.timed("evaluation"):
+                score = self.score_candidate(trial, model, tokenizer)
         except _Pruned as pruned:
             trial.set_user_attr("pruned", True)
             return pruned.estimate
         except Exception as exc:  # a failing candidate is recorded as failed, never fatal to the search
             message = f"{type(exc).__name__}: {exc}"[:500]
             trial.set_user_attr("error", message)
-            log.warning("trial %d failed: %s", trial.number, message)
             if not self.succeeded:
                 self.failures.append(message)
-                if len(self.failures) >= self.config.population:
-                    self.study.stop()  # a broken set-up, not a bad candidate: stop and say why
             return math.nan
         finally:
-            self.timing.evaluation += time.perf_counter() - started
+            trial.set_user_attr("seconds", round(time.perf_counter() - started, 3))
             self.timing.trials += 1
         self.succeeded = True
         return score
 
-    def score(self, trial: Any, model: Any, tokenizer: Any) -> list[float]:
-        """Each evaluator's score, its chunks in an order shuffled per trial. With a pruner, every example's share
-        of the objective is reported (step: its index, counted across evaluators; value: its contribution times
-        its evaluator's weight and ``total / examples of the evaluator``, so that the mean of all is the
-        objective) and, after each chunk but the last, :class:`_Pruned` stops a candidate the pruner finds
-        clearly worse than the best."""
-        parts = self.evaluators.parts
+    def score_candidate(self, trial: Any, model: Any, tokenizer: Any) -> float:
+        """The one place a candidate is scored: the objective on the search split (the value the sampler sees;
+        :meth:`score`, which may stop a weak candidate); the validation split for a baseline or a candidate that
+        leads the search; the test split for a baseline. The extra scores become the trial's user attributes
+        ``validation`` and ``test``."""
+        baseline = "baseline" in trial.user_attrs
+        scores = self.score(trial, model, tokenizer, prune=not baseline)
+        score = self.splits.objective.value(scores)
+        if not math.isfinite(score):
+            raise FloatingPointError(f"the score is {score}")
+        if self.splits.validated and (baseline or score > self._best_searched()):
+            trial.set_user_attr("validation", self.splits.validation(model, tokenizer, scores))
+        if self.splits.test is not None and baseline:
+            trial.set_user_attr("test", self.splits.tested(model, tokenizer))
+        return score
+
+    def score(self, trial: Any, model: Any, tokenizer: Any, prune: bool = True) -> list[float]:
+        """Each evaluator's search score, its chunks in an order shuffled per trial. With a pruner, every
+        example's share of the objective is reported (step: its index, counted across evaluators; value: its
+        contribution times its evaluator's weight and ``total / examples of the evaluator``, so that the mean of
+        all is the objective) and, after each chunk but the last, :class:`_Pruned` stops a candidate the pruner
+        finds clearly worse than the best (unless ``prune`` is false: baselines report, to be compared with, and
+        are scored in full)."""
+        parts = self.splits.objective.parts
         total, reported, scores = sum(len(p.search) for p in parts), [], []
         for part in parts:
             offset, scale = len(reported), part.weight * total / len(part.search)
@@ -600,76 +1056,171 @@ class _Worker:
                     return
                 for i, share in zip(index, shares):
                     trial.report(share, offset + i)
-                if len(reported) < total and trial.should_prune():
+                if prune and len(reported) < total and trial.should_prune():
                     trial.set_user_attr("examples", len(reported))
                     raise _Pruned(statistics.fmean(reported))
 
             scores.append(part.search(model, tokenizer, on_chunk=report, order=trial.number))
         trial.set_user_attr("examples", total)
-        trial.set_user_attr("scores", dict(zip(self.evaluators.names, scores)))
+        trial.set_user_attr("scores", dict(zip(self.splits.objective.names, scores)))
         return scores
 
-    def _best_value(self) -> float:
+    def _best_searched(self) -> float:
         from optuna.trial import TrialState
 
-        values = [score_of(t) for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
-        return max((v for v in values if v is not None), default=-math.inf)
+        trials = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        return max((t.value for t in trials if "baseline" not in t.user_attrs and score_of(t) is not None),
+                   default=-math.inf)
+
+    # --- after each trial
 
     def after_trial(self, study: Any, trial: Any) -> None:
+        if trial.user_attrs.get("surplus"):
+            return
         trials = study.get_trials(deepcopy=False)
         done = done_trials(trials)
-        self.write_best(trials)
-        if self.bar is not None:
-            self.bar.update(len(done) - self.bar.n)
-        while len(done) >= (self.printed + 1) * self.config.population:
-            self.report_generation(done, self.printed)
-            self.printed += 1
-            self.write_outputs(done, trials, plots=time.perf_counter() - self.last_plot > _PLOT_EVERY_S)
-        if len(done) >= self.config.trials:
-            study.stop()
+        numbers = generations(done, self.config.population)
+        self.report_trial(trial, numbers)
+        self.write_outputs(done, trials, plots=self.plot_due())
+        self.report_generations(done, numbers)
 
-    def report_generation(self, done: list[Any], g: int) -> None:
+    def plot_due(self) -> bool:
+        """Plots at most every ``_PLOT_EVERY_S`` seconds and at most 1% of the time."""
+        return time.perf_counter() - self.last_plot >= max(_PLOT_EVERY_S, 100 * self.plot_cost)
+
+    def report_trial(self, trial: Any, numbers: dict[int, int]) -> None:
+        """One line per finished trial: number, generation or baseline, score, validation, test, hops, seconds."""
         if self.quiet:
             return
-        population = self.config.population
-        values = [t.value for t in done[g * population:(g + 1) * population] if score_of(t) is not None]
-        best = max((t.value for t in done[:(g + 1) * population] if score_of(t) is not None), default=math.nan)
-        elapsed = time.perf_counter() - self.start
-        rate = (len(done) - self.start_done) / elapsed if elapsed > 0 else 0.0
-        eta = (self.config.trials - len(done)) / rate if rate > 0 else math.inf
-        states = [state_of(t) for t in done[g * population:(g + 1) * population]]
-        line = (f"generation {g + 1}/{self.config.generations}: best {best:.5g}  median "
-                f"{statistics.median(values) if values else math.nan:.5g}  {rate:.2f} trials/s  ETA {_duration(eta)}"
-                + "".join(f"  ({states.count(s)} {s})" for s in ("pruned", "fail") if s in states))
-        _print(line, self.bar)
-
-    def write_best(self, trials: list[Any]) -> None:
-        best = best_trial(trials)
-        if best is None or best.number == self.best_number:
+        attrs = trial.user_attrs
+        if "baseline" in attrs:
+            where = f"baseline {_baseline_name(self.config, attrs['baseline'])}"
+        else:
+            where = f"generation {numbers.get(trial.number, '?')}/{self.config.generations}"
+        where += f" (retry of trial {attrs['retry_of']})" if "retry_of" in attrs else ""
+        where += " (init)" if "init" in attrs and "retry_of" not in attrs else ""
+        if "error" in attrs:
+            print(f"trial {trial.number}  {where}  failed: {attrs['error']}", flush=True)
             return
-        legacy, native = self.space.dump(*self.space.decode(best.params))
-        _write(self.out / "best_recipe.yml", legacy)
-        _write(self.out / "best_recipe_native.yml", native)
-        self.best_number = best.number
+        hops, _ = self.row(trial)
+        extra = "".join(f"  {k} {attrs[k]:.5g}" for k in ("validation", "test") if k in attrs)
+        score = (f"pruned after {attrs.get('examples')} examples, estimate {trial.value:.5g}" if "pruned" in attrs
+                 else f"score {trial.value:.5g}")
+        print(f"trial {trial.number}  {where}  {score}{extra}  {hops} hops  {attrs.get('seconds', 0):.2f} s",
+              flush=True)
+
+    def report_generations(self, done: list[Any], numbers: dict[int, int]) -> None:
+        """A line for each generation that is complete, in every worker."""
+        complete = len(numbers) // self.config.population
+        while self.printed_generations < min(complete, self.config.generations):
+            g = self.printed_generations + 1
+            self.printed_generations = g
+            if self.quiet or g <= (self.start_done - self._baselines(done)) // self.config.population:
+                continue  # reported by an earlier run
+            trials = [t for t in done if numbers.get(t.number) == g]
+            values = [t.value for t in trials if score_of(t) is not None]
+            best = max((t.value for t in done if numbers.get(t.number, math.inf) <= g and score_of(t) is not None),
+                       default=math.nan)
+            elapsed = time.perf_counter() - self.started
+            rate = (len(done) - self.start_done) / elapsed if elapsed > 0 else 0.0
+            eta = (self.config.budget - len(done)) / rate if rate > 0 else math.inf
+            states = [state_of(t) for t in trials]
+            print(f"generation {g}/{self.config.generations} done: best so far {best:.5g}, median "
+                  f"{statistics.median(values) if values else math.nan:.5g}; {rate:.2f} trials/s, ETA "
+                  f"{_duration(eta)}" + "".join(f" ({states.count(k)} {k})" for k in ("pruned", "fail") if k in states),
+                  flush=True)
+
+    @staticmethod
+    def _baselines(done: list[Any]) -> int:
+        return sum(1 for t in done if "baseline" in t.user_attrs)
+
+    def row(self, t: Any) -> tuple[int, str]:
+        """(hops, recipe summary) of a finished trial, decoded once."""
+        if t.number not in self.rows:
+            try:
+                recipe = (self.space.baseline(t.user_attrs["baseline"]) if "baseline" in t.user_attrs
+                          else self.space.recipe(self.space.decode(t.params)))
+                self.rows[t.number] = (len(recipe.hops), summary(recipe))
+            except (RecipeError, KeyError):  # a candidate without any hop; a trial killed before it sampled
+                self.rows[t.number] = (0, "")
+        return self.rows[t.number]
+
+    def csv_row(self, t: Any, numbers: dict[int, int]) -> list[Any]:
+        """The one place a ``trials.csv`` row is made (columns: :func:`csv_columns`)."""
+        hops, text = self.row(t)
+        attrs = t.user_attrs
+        names = self.splits.objective.names
+        scores = [_number(attrs.get("scores", {}).get(n)) for n in names] if len(names) > 1 else []
+        return [t.number, _kind(t), numbers.get(t.number, ""), state_of(t), _number(t.value), *scores,
+                _number(attrs.get("validation")), _number(attrs.get("test")), hops, attrs.get("seconds", ""), text,
+                attrs.get("worker", ""), attrs.get("retry_of", ""), attrs.get("error", ""), attrs.get("examples", "")]
 
     def write_outputs(self, done: list[Any], trials: list[Any], plots: bool = True) -> None:
-        write_trials_csv(self.out / "trials.csv", done, self.config.population, self.space, self.evaluators.names)
+        """``trials.csv`` and the best recipe after every trial; the plots when asked."""
+        numbers = generations(done, self.config.population)
+        out = io.StringIO()
+        writer = csv.writer(out)
+        writer.writerow(csv_columns(self.splits.objective.names))
+        writer.writerows(self.csv_row(t, numbers) for t in done)
+        _write(self.out / "trials.csv", out.getvalue())
+        best = best_trial(trials)
+        if best is not None and best.number != self.best_number:
+            legacy, native = self.space.dump(self.space.decode(best.params))
+            _write(self.out / "best_recipe.yml", legacy)
+            _write(self.out / "best_recipe_native.yml", native)
+            self.best_number = best.number
         if plots:
-            write_plots(self.out, done, self.config.population, self.space, best_trial(trials))
-            self.last_plot = time.perf_counter()
+            started = time.perf_counter()
+            write_plots(self.out, done, self.config, self.space, best)
+            self.last_plot, self.plot_cost = time.perf_counter(), time.perf_counter() - started
 
+    # --- the end
 
-def _bar(total: int, initial: int) -> Any:
-    from tqdm.auto import tqdm
+    def test_score(self, best: Any) -> float | None:
+        """The best trial's test score, computed once per study (kept in the study's user attributes)."""
+        from .assemble import assemble
 
-    return tqdm(total=total, initial=initial, unit="trial", desc="evolving", dynamic_ncols=True, disable=None)
+        if self.splits.test is None:
+            return None
+        key = f"test_of_trial_{best.number}"
+        if key not in self.study.user_attrs:
+            model, tokenizer = assemble(self.space.recipe(self.space.decode(best.params)), sources=self.sources)
+            self.study.set_user_attr(key, self.splits.tested(model, tokenizer))
+        return self.study.user_attrs[key]
 
+    def table(self, done: list[Any], best: Any) -> list[Scores]:
+        """Baselines and the best, on the search, validation and test splits."""
+        rows = [Scores(_baseline_name(self.config, t.user_attrs["baseline"]), t.value,
+                       t.user_attrs.get("validation"), t.user_attrs.get("test"))
+                for t in done if "baseline" in t.user_attrs and t.value is not None]
+        rows.sort(key=lambda r: r.name)
+        rows.append(Scores(f"best: trial {best.number}", best.value, best.user_attrs.get("validation"),
+                           self.test_score(best)))
+        return rows
 
-def _print(line: str, bar: Any) -> None:
-    if bar is not None:
-        bar.write(line, file=sys.stdout)
-    else:
-        print(line, flush=True)
+    def _metric(self) -> str:
+        parts = self.splits.objective.parts
+        if len(parts) == 1:
+            return parts[0].search.metric
+        return " + ".join(f"{p.weight:.3g} x {p.name} ({p.search.metric})" for p in parts)
+
+    def notes(self, rows: list[Scores], done: list[Any], best: Any) -> str:
+        """The search summary for the model card (Markdown)."""
+        c = self.config
+        sizes = ", ".join(f"{name} {n}" for name, n in self.splits.sizes().items())
+        scales = ("no scales" if not c.scales else
+                  f"scales {'per slot' if c.scale_by == 'slot' else 'per (from, to) layer pair'} in {list(c.scales)}")
+        test = "; the test split was not used by the search" if self.splits.test is not None else ""
+        rows = rows[:-1] + [Scores(f"this recipe (trial {best.number})", rows[-1].search, rows[-1].validation,
+                                   rows[-1].test)]
+        return "\n".join([
+            "## Search", "",
+            f"Found by `dfsmerge evolve` ({sampler_kind(c, self.space)}, Optuna) in the data-flow space of "
+            f"{len(c.sources)} models: num_r {c.num_r}, {scales}, {self.space.describe().split(':')[0]}. "
+            f"Budget: {c.budget} trials ({c.budget - c.trials} baselines + {c.population} x {c.generations} "
+            f"searched); {len(done)} finished. Score: {self._metric()} (higher is better). "
+            f"Examples per split: {sizes}. The validation split chose this recipe{test}.", "",
+            format_table(rows, markdown=True), ""])
 
 
 def _duration(seconds: float) -> str:
@@ -687,15 +1238,18 @@ class EvolveResult:
     best_recipe: Path
     best_score: float
     best_validation: float | None  # the held-out score, when the evaluator holds examples out
+    best_test: float | None  # the test split's score, when the search file has one
     done: int
     timing: Timing
+    table: list[Scores]  # the baselines and the best on the three splits
+    notes: str  # the same as Markdown, for a model card
 
 
 def evolve(config: SearchConfig, out: str | os.PathLike, storage: str | None = None, study_name: str | None = None,
            merge_best: str | os.PathLike | None = None, quiet: bool = False) -> EvolveResult:
-    """Run (or resume, or join) the search of ``config`` until the study holds ``population x generations``
-    finished trials; outputs go to ``out``. Run the same call on many machines with one ``storage`` URL
-    (PostgreSQL) and ``study_name`` to share the work."""
+    """Run (or resume, or join) the search of ``config`` until the study holds ``config.budget`` finished
+    trials; outputs go to ``out``. Run the same call on many machines with one ``storage`` URL (PostgreSQL) and
+    ``study_name`` to share the work. Prints one line per trial and a final table unless ``quiet``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     storage = storage or f"sqlite:///{(out / 'study.db').resolve()}"
@@ -703,25 +1257,28 @@ def evolve(config: SearchConfig, out: str | os.PathLike, storage: str | None = N
     space = SearchSpace(config)
     study = open_study(config, space, storage, study_name)
     worker = _Worker(config, space, study, out, quiet)
-    started = time.perf_counter()
-    if worker.start_done < config.trials:
-        study.optimize(worker.objective, callbacks=[worker.after_trial], gc_after_trial=False)
-    worker.timing.wall = time.perf_counter() - started
-    if worker.bar is not None:
-        worker.bar.close()
+    if not quiet:
+        print(f"search: {space.describe()}; sampler {sampler_kind(config, space)}; budget {config.budget} trials "
+              f"({config.budget - config.trials} baselines + {config.population} x {config.generations}); "
+              f"{worker.start_done} finished before", flush=True)
+    worker.run()
     trials = study.get_trials(deepcopy=False)
     done = done_trials(trials)
-    worker.write_best(trials)
     worker.write_outputs(done, trials)
-    if len(worker.failures) >= config.population:
+    if len(worker.failures) >= config.population and not worker.succeeded:
         raise RecipeError(f"evolve: the first {len(worker.failures)} candidates all failed; the first error: "
                           f"{worker.failures[0]}")
     best = best_trial(trials)
     if best is None:
         raise RecipeError("evolve: no candidate could be evaluated")
+    rows = worker.table(done, best)
+    notes = worker.notes(rows, done, best)
+    if not quiet:
+        print(f"\n{format_table(rows)}\n{worker.timing.line()}", flush=True)
     if merge_best is not None:
         from .merge import merge
 
-        merge(out / "best_recipe.yml", merge_best, dtype=config.dtype, quiet=quiet, cache_dir=config.cache_dir)
-    return EvolveResult(out / "best_recipe.yml", best.value, best.user_attrs.get("validation"), len(done),
-                        worker.timing)
+        merge(out / "best_recipe.yml", merge_best, dtype=config.dtype, quiet=quiet, cache_dir=config.cache_dir,
+              notes=notes)
+    return EvolveResult(out / "best_recipe.yml", best.value, best.user_attrs.get("validation"), rows[-1].test,
+                        len(done), worker.timing, rows, notes)

@@ -55,13 +55,14 @@ def merge(
     command: str | None = None,
     format: str = "flat",
     allow_overflow: bool = False,
+    notes: str = "",
 ) -> Path:
     """Execute ``recipe`` into a plain ``*ForCausalLM`` / ``*ForSequenceClassification`` folder at
     ``output_path``, or with ``format="compact"`` into a compact DFS checkpoint (each used source layer stored
     once; see ``plan.compact_plan``). Everything is validated before any weight is read (the output path against
     the sources: see ``writer.check_target``); the folder appears only when complete. ``dtype`` is a name
     (``"bfloat16"``) or a ``torch.dtype``; ``allow_overflow`` writes values beyond its range as +-inf instead of
-    stopping."""
+    stopping; ``notes`` (Markdown, e.g. the summary of the search that found the recipe) end the model card."""
     dtype, device = dtype_name(dtype), check_device(device)
     parse_size(max_shard_size)
     recipe = _as_recipe(recipe)
@@ -75,7 +76,7 @@ def merge(
         write_tensors(tmp, plan.tasks, lambda m, name: checkpoints[m].get(name), dtype, max_shard_size, device,
                       progress=not quiet, locate=lambda m, name: checkpoints[m].stored(name),
                       allow_overflow=allow_overflow)
-        write_metadata(tmp, plan, checkpoints, command or _command_line())
+        write_metadata(tmp, plan, checkpoints, command or _command_line(), notes=notes)
         if format == "compact":
             write_modeling_file(tmp)
     return target

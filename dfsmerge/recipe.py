@@ -695,8 +695,10 @@ def dump_legacy(
     input_layer_model: int = 0,
     output_layer_model: int = 0,
     add_last_layer: bool = False,
+    last_layer_scale: float = 1.0,
 ) -> str:
-    """A legacy-format recipe as YAML text (plain lists: loadable by this tool and by ``yaml.safe_load``)."""
+    """A legacy-format recipe as YAML text (plain lists: loadable by this tool and by ``yaml.safe_load``);
+    ``last_layer_scale`` is written when it is not 1."""
     doc = {
         "model_paths": [[s.path, s.revision] for s in sources],
         "num_r": len(layer_mask),
@@ -706,4 +708,6 @@ def dump_legacy(
         "output_layer_model": output_layer_model,
         "add_last_layer": add_last_layer,
     }
+    if last_layer_scale != 1.0:
+        doc["last_layer_scale"] = last_layer_scale
     return yaml.safe_dump(doc, sort_keys=False, default_flow_style=None)

@@ -437,12 +437,8 @@ def _cast(chunk: torch.Tensor, dtype: torch.dtype, task: TensorTask, nonfinite: 
     return out
 
 
-def write_metadata(folder: Path, plan: Plan, checkpoints: Sequence[Checkpoint | None], command: str) -> None:
-    """config.json, the input model's tokenizer and generation files, the recipe and a model card."""
-
-
 def write_metadata(folder: Path, plan: Plan, checkpoints: Sequence[Checkpoint | None], command: str,
-                   base_model: Sequence[str] | None = None, relation: str | None = "merge") -> None:
+                   base_model: Sequence[str] | None = None, relation: str | None = "merge", notes: str = "") -> None:
     """config.json, the input model's tokenizer (its ``tokenizer_config.json`` made readable by transformers 4.x,
     :func:`portable_tokenizer_config`) and generation files, the recipe and a model card (:func:`model_card`)."""
     (folder / "config.json").write_text(json.dumps(plan.config, indent=2) + "\n")
@@ -455,7 +451,7 @@ def write_metadata(folder: Path, plan: Plan, checkpoints: Sequence[Checkpoint | 
         else:
             shutil.copyfile(file, folder / file.name)
     (folder / "dfsmerge_recipe.yml").write_text(dump_native(plan.recipe))
-    (folder / "README.md").write_text(model_card(plan, checkpoints, command, base_model, relation))
+    (folder / "README.md").write_text(model_card(plan, checkpoints, command, base_model, relation, notes))
 
 
 # Tokenizer classes that both transformers 4.x (from 4.56, the oldest dfsmerge supports; llama.cpp's converter pins
@@ -506,11 +502,12 @@ def card_base_model(folder: Path | None) -> list[str] | None:
 
 
 def model_card(plan: Plan, checkpoints: Sequence[Checkpoint | None], command: str,
-               base_model: Sequence[str] | None = None, relation: str | None = "merge") -> str:
-    """A Hugging Face model card naming the sources, the hop table and how the model was made. Its metadata
-    (the hub's model card fields, as mergekit writes them): ``base_model``, the hub IDs among the sources unless
-    given (local folders are named in the text only); ``base_model_relation`` (``merge``; None for a conversion,
-    such as a flattened checkpoint); ``library_name``, ``pipeline_tag`` and ``tags``."""
+               base_model: Sequence[str] | None = None, relation: str | None = "merge", notes: str = "") -> str:
+    """A Hugging Face model card naming the sources, the hop table and how the model was made, then ``notes``
+    (Markdown: the search that found the recipe, from ``dfsmerge evolve --merge-best``). Its metadata (the hub's
+    model card fields, as mergekit writes them): ``base_model``, the hub IDs among the sources unless given (local
+    folders are named in the text only); ``base_model_relation`` (``merge``; None for a conversion, such as a
+    flattened checkpoint); ``library_name``, ``pipeline_tag`` and ``tags``."""
     from huggingface_hub import ModelCardData
 
     recipe = plan.recipe
@@ -528,6 +525,8 @@ def model_card(plan: Plan, checkpoints: Sequence[Checkpoint | None], command: st
     lines += ["", f"Embeddings and tokenizer from model {recipe.input_model}; final norm and head from model "
               f"{recipe.output_model}.", "", "## Hops", "", recipe.hop_table(), "", "## Command", "",
               f"    {command}", "", "The recipe is in `dfsmerge_recipe.yml`.", ""]
+    if notes:
+        lines += [notes.strip(), ""]
     return "\n".join(lines)
 
 
