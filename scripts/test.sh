@@ -23,6 +23,6 @@ echo "--- again under transformers $(.venv-tf4/bin/python -c 'import transformer
 # take most of the suite's time); test_families.py's search tests run the search path under 4.57
 .venv-tf4/bin/python -m pytest -q -m "not real_model and not postgres" \
   --deselect tests/test_evolve.py::test_the_search_finds_a_planted_recipe \
-  --deselect tests/test_evolve.py::test_resume_after_sigkill_loses_and_repeats_nothing \
+  --deselect tests/test_evolve.py::test_resume_after_sigkill_in_the_last_trial \
   --deselect tests/test_evolve.py::test_two_workers_share_one_sqlite_study "$@" || status=$?
 exit $status
