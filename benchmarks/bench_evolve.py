@@ -71,7 +71,9 @@ print(json.dumps({"trials": result.done, "wall": wall, "code": evolve_module.__f
 
 COST_DRIVER = r"""
 import json, sys, time
+import contextlib
 import optuna
+import dfsmerge.evolve as evolve_module
 from dfsmerge.evolve import SearchConfig, SearchSpace, open_study
 from dfsmerge.recipe import Source
 
@@ -83,6 +85,11 @@ config = SearchConfig(sources=[Source("A"), Source("B")], evaluator={}, num_r=nu
 if hasattr(config, "baselines"):
     config.baselines = False  # no models here
 space = SearchSpace(config)
+if hasattr(evolve_module, "_storage_class"):  # parameters stored in one transaction, as a search does
+    storage = evolve_module._storage(storage, 60)
+    at_once = storage.parameters_at_once
+else:
+    at_once = contextlib.nullcontext
 study = open_study(config, space, storage, "cost")
 cma = [0.0]
 relative = optuna.samplers.CmaEsSampler.sample_relative
@@ -99,7 +106,8 @@ seconds = []
 
 def objective(trial):
     started, before = time.perf_counter(), cma[0]
-    params = space.suggest(trial)
+    with at_once():
+        params = space.suggest(trial)
     seconds.append((time.perf_counter() - started, cma[0] - before))
     candidate = space.decode(params)
     mask = candidate.mask if hasattr(candidate, "mask") else candidate[0]
@@ -229,7 +237,7 @@ def make_task(folder: Path, generations: int, hidden: int = 64, intermediate: in
     model = assemble(teacher, Sources(teacher.sources, dtype="float32"))[0]
     _write_texts(folder / "data.jsonl", _sample(model, texts, tokens, seed=0))
     doc = {"models": [str(p) for p in pair], "num_r": 2, "dtype": "float32",
-           "search": {"population": 12, "generations": generations, "seed": 0},
+           "search": {"population": 12, "generations": generations, "seed": 0, "prune": False},  # the sampler alone
            "evaluator": {"type": "loglik", "data": "data.jsonl", "validation": 0.25, "batch_size": 32}}
     (folder / "search.yml").write_text(yaml.safe_dump(doc))
     return folder / "search.yml"

@@ -175,6 +175,30 @@ def test_cma_es_never_redraws_a_sample(sampler, optimizer):
     assert study.trials[0].params == pytest.approx(space.x0())  # the init trial is CMA-ES's mean
 
 
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # study.ask, not optimize, here
+def test_parameters_stored_at_once_read_back_as_drawn(tmp_path):
+    """The search stores a candidate's parameters in one transaction (pairwise spaces have thousands): a new
+    connection to the study reads back exactly what was drawn, for each trial, and nothing is written before the
+    block ends."""
+    import optuna
+
+    from dfsmerge.evolve import _storage, open_study
+
+    space = _space(layers=8, population=4, scale_by="pair")
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    storage = _storage(url, 60)
+    study = open_study(space.config, space, storage, "s")
+    drawn = []
+    for _ in range(3):
+        trial = study.ask()
+        with storage.parameters_at_once():
+            drawn.append(space.suggest(trial))
+            assert optuna.load_study(study_name="s", storage=url).trials[trial.number].params == {}
+        study.tell(trial, 0.0)
+    stored = [t.params for t in optuna.load_study(study_name="s", storage=url).trials if t.params]
+    assert len(drawn[0]) == len(space.boxes) > 100 and stored == drawn
+
+
 def test_keep_ends_forces_the_first_and_last_layer():
     space = _space(input_model=1, output_model=1)
     assert len(space.slots) == 16 and len(space.free) == 11  # (0,1,0) on; (0,0,*) off: nothing before it

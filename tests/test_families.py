@@ -208,7 +208,7 @@ def test_search(family, pair, tmp_path):
            "evaluator": {"type": "loglik", "data": "data.jsonl", "validation": 0}}
     (tmp_path / "search.yml").write_text(yaml.safe_dump(doc))
     result = evolve(load_search(tmp_path / "search.yml"), tmp_path / "run", quiet=True)
-    assert result.done == 4
+    assert result.done == 2 + 4  # the two sources' baselines, then 4 searched trials
     best = load_recipe(tmp_path / "run" / "best_recipe_native.yml")
     model, _ = assemble(best, Sources(dtype="float32"))
     assert_matches(model, best)
