@@ -46,6 +46,10 @@ import importlib, json, sys, time
 assemble_module, evaluate_module, evolve_module = (importlib.import_module(f"dfsmerge.{name}")
                                                   for name in ("assemble", "evaluate", "evolve"))
 
+try:
+    space_module = importlib.import_module("dfsmerge.space")
+except ImportError:  # an older checkout: the search in one module
+    space_module = evolve_module
 parts = dict.fromkeys(("sampling", "assembly", "evaluation", "loading"), 0.0)
 
 def timed(part, function):
@@ -57,12 +61,12 @@ def timed(part, function):
             parts[part] += time.perf_counter() - started
     return wrapper
 
-evolve_module.SearchSpace.suggest = timed("sampling", evolve_module.SearchSpace.suggest)
+space_module.SearchSpace.suggest = timed("sampling", space_module.SearchSpace.suggest)
 assemble_module.assemble = timed("assembly", assemble_module.assemble)
 evaluate_module.Evaluator.__call__ = timed("evaluation", evaluate_module.Evaluator.__call__)
 assemble_module.Sources._load = timed("loading", assemble_module.Sources._load)
 started = time.perf_counter()
-result = evolve_module.evolve(evolve_module.load_search(sys.argv[1]), sys.argv[2], quiet=True)
+result = evolve_module.evolve(space_module.load_search(sys.argv[1]), sys.argv[2], quiet=True)
 wall = time.perf_counter() - started
 if parts["assembly"] > parts["loading"]:  # the old code loads the sources inside its first assembly
     parts["assembly"] -= parts["loading"]
@@ -74,7 +78,11 @@ import json, sys, time
 import contextlib
 import optuna
 import dfsmerge.evolve as evolve_module
-from dfsmerge.evolve import SearchConfig, SearchSpace, open_study
+from dfsmerge.evolve import open_study
+try:
+    from dfsmerge.space import SearchConfig, SearchSpace
+except ImportError:  # an older checkout: one module
+    from dfsmerge.evolve import SearchConfig, SearchSpace
 from dfsmerge.recipe import Source
 
 layers, num_r, trials = (int(a) for a in sys.argv[1:3] + sys.argv[4:5])
@@ -275,7 +283,7 @@ def part_planted(work: Path, generations: int, seeds: list[int]) -> None:
             run = folder / f"run-{label.replace(', ', '-').replace(' ', '')}-{seed}"
             shutil.rmtree(run, ignore_errors=True)
             (folder / "search.yml").write_text(yaml.safe_dump(doc))
-            child(ROOT, "import json, sys\nfrom dfsmerge.evolve import evolve, load_search\n"
+            child(ROOT, "import json, sys\nfrom dfsmerge.evolve import evolve\nfrom dfsmerge.space import load_search\n"
                         "r = evolve(load_search(sys.argv[1]), sys.argv[2], quiet=True)\nprint(json.dumps(r.done))",
                   str(folder / "search.yml"), str(run))
             found = score(load_recipe(run / "best_recipe.yml"))

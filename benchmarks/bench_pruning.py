@@ -31,7 +31,8 @@ from test_evolve import _sample  # noqa: E402
 
 from dfsmerge import Hop, Recipe, Source, Sources, Transform, assemble  # noqa: E402
 from dfsmerge.evaluate import Loglik  # noqa: E402
-from dfsmerge.evolve import SearchSpace, done_trials, evolve, load_search, score_of, state_of  # noqa: E402
+from dfsmerge.evolve import done_trials, evolve, score_of, state_of  # noqa: E402
+from dfsmerge.space import SearchSpace, load_search  # noqa: E402
 
 TEACHER = [Hop(0, 0), Hop(1, 1), Hop(1, 2, Transform(1.3)), Hop(0, 2), Hop(0, 3)]
 

@@ -3,7 +3,7 @@
 recipe (``recipe.py``) -> model knowledge (``families.py``) -> plan, flat and compact (``plan.py``) -> checkpoints
 (``sources.py``, ``gguf.py``) -> output folders (``writer.py``; ``merge.py``, ``flatten.py``) or an in-memory model
 (``assemble.py`` over ``modeling_dfs.py``; the old API in ``legacy.py``) -> evaluation (``evaluate.py``) -> search
-(``evolve.py``) -> command line (``cli.py``). Each module imports only the ones before it (``pyproject.toml``'s
+space (``space.py``) -> search (``evolve.py``) -> command line (``cli.py``). Each module imports only the ones before it (``pyproject.toml``'s
 import-linter contract).
 
 Importing the package imports neither torch nor transformers: the public names are imported on first use
@@ -29,7 +29,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "merge": "merge", "plan_recipe": "merge", "flatten": "flatten", "assemble": "assemble", "Sources": "assemble",
     "dfs_execute_from_config": "legacy", "dfs_excute_from_config": "legacy", "data_flow_space_layer_merge": "legacy",
-    "evolve": "evolve", "load_search": "evolve", "make_evaluators": "evaluate", "perplexity": "evaluate",
+    "evolve": "evolve", "load_search": "space", "make_evaluators": "evaluate", "perplexity": "evaluate",
     "load_model": "evaluate", "Recipe": "recipe", "Hop": "recipe", "Source": "recipe", "Transform": "recipe",
     "RecipeError": "recipe", "load_recipe": "recipe", "parse_recipe": "recipe", "recipe_from_legacy": "recipe",
 }

@@ -121,7 +121,8 @@ rewritten after every trial. Rerun the same command to resume; only search.gener
 def cmd_evolve(args: argparse.Namespace) -> None:
     from transformers.utils import logging as hf_logging
 
-    from .evolve import evolve, load_search
+    from .evolve import evolve
+    from .space import load_search
     from .writer import check_target
 
     hf_logging.disable_progress_bar()  # the log is one line per trial, also in a file
@@ -167,7 +168,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def _eval_search(args: argparse.Namespace) -> None:
     """Score models on a search's splits (search, validation, test), with its evaluators, settings and dtype."""
     from .evaluate import load_model
-    from .evolve import read_search, search_evaluators
+    from .space import read_search, search_evaluators
     from .recipe import RecipeError
 
     if args.data or args.evaluator != "loglik":

@@ -605,7 +605,7 @@ def test_overflow_is_written_as_inf_only_when_allowed(llama_sources, tmp_path, c
 
 def test_dtype_spellings_are_one_dtype(llama_sources, tmp_path):
     from dfsmerge import merge
-    from dfsmerge.evolve import parse_search
+    from dfsmerge.space import parse_search
     from dfsmerge.plan import dtype_name
 
     assert {dtype_name(d) for d in (torch.float16, "float16", "torch.float16")} == {"float16"}

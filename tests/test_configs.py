@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from conftest import INPUT_IDS, PAD_ID, PADDED_IDS, PADDED_MASK, VOCAB_SIZE, _randomize_, make_tiny_tokenizer
 from dfsmerge import Sources, assemble, merge
-from dfsmerge.evolve import parse_search
+from dfsmerge.space import parse_search
 from dfsmerge.plan import dtype_name
 from dfsmerge.recipe import Hop, Recipe, RecipeError, Source, Transform
 from reference import reference_logits

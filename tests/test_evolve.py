@@ -23,8 +23,8 @@ import torch
 import yaml
 from conftest import BOS_ID, INPUT_IDS, ROOT, make_tiny_source, make_tiny_tokenizer
 
-from dfsmerge.evolve import (SearchConfig, SearchSpace, done_trials, evolve, load_search, make_sampler, mirror,
-                             parse_search)
+from dfsmerge.evolve import done_trials, evolve, make_sampler
+from dfsmerge.space import SearchConfig, SearchSpace, load_search, mirror, parse_search
 from dfsmerge.recipe import Hop, Recipe, RecipeError, Source, Transform, load_recipe
 from reference import reference_logits
 

@@ -197,7 +197,8 @@ def test_compact_then_flatten_equals_the_flat_merge(family, pair, tmp_path):
 def test_search(family, pair, tmp_path):
     """A short search over both sources runs (candidates are in-memory models) and its best recipe is what the
     reference computes."""
-    from dfsmerge.evolve import evolve, load_search
+    from dfsmerge.evolve import evolve
+    from dfsmerge.space import load_search
     from dfsmerge.recipe import load_recipe
 
     (tmp_path / "data.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in
