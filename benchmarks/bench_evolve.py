@@ -77,7 +77,8 @@ COST_DRIVER = r"""
 import json, sys, time
 import contextlib
 import optuna
-import dfsmerge.evolve as evolve_module
+import importlib
+evolve_module = importlib.import_module("dfsmerge.evolve")  # the module (dfsmerge.evolve is also the function)
 from dfsmerge.evolve import open_study
 try:
     from dfsmerge.space import SearchConfig, SearchSpace
