@@ -46,10 +46,8 @@ import importlib, json, sys, time
 assemble_module, evaluate_module, evolve_module = (importlib.import_module(f"dfsmerge.{name}")
                                                   for name in ("assemble", "evaluate", "evolve"))
 
-try:
-    space_module = importlib.import_module("dfsmerge.space")
-except ImportError:  # an older checkout: the search in one module
-    space_module = evolve_module
+# an older checkout has the search in one module (and the editable install may still find a newer space.py)
+space_module = evolve_module if hasattr(evolve_module, "SearchSpace") else importlib.import_module("dfsmerge.space")
 parts = dict.fromkeys(("sampling", "assembly", "evaluation", "loading"), 0.0)
 
 def timed(part, function):
@@ -80,10 +78,9 @@ import optuna
 import importlib
 evolve_module = importlib.import_module("dfsmerge.evolve")  # the module (dfsmerge.evolve is also the function)
 from dfsmerge.evolve import open_study
-try:
-    from dfsmerge.space import SearchConfig, SearchSpace
-except ImportError:  # an older checkout: one module
-    from dfsmerge.evolve import SearchConfig, SearchSpace
+# an older checkout has the search in one module (and the editable install may still find a newer space.py)
+space_module = evolve_module if hasattr(evolve_module, "SearchSpace") else importlib.import_module("dfsmerge.space")
+SearchConfig, SearchSpace = space_module.SearchConfig, space_module.SearchSpace
 from dfsmerge.recipe import Source
 
 layers, num_r, trials = (int(a) for a in sys.argv[1:3] + sys.argv[4:5])
