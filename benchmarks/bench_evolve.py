@@ -47,7 +47,7 @@ assemble_module, evaluate_module, evolve_module = (importlib.import_module(f"dfs
                                                   for name in ("assemble", "evaluate", "evolve"))
 
 # an older checkout has the search in one module (and the editable install may still find a newer space.py)
-space_module = evolve_module if hasattr(evolve_module, "SearchSpace") else importlib.import_module("dfsmerge.space")
+space_module = evolve_module if hasattr(evolve_module, "load_search") else importlib.import_module("dfsmerge.space")
 parts = dict.fromkeys(("sampling", "assembly", "evaluation", "loading"), 0.0)
 
 def timed(part, function):
@@ -79,7 +79,7 @@ import importlib
 evolve_module = importlib.import_module("dfsmerge.evolve")  # the module (dfsmerge.evolve is also the function)
 from dfsmerge.evolve import open_study
 # an older checkout has the search in one module (and the editable install may still find a newer space.py)
-space_module = evolve_module if hasattr(evolve_module, "SearchSpace") else importlib.import_module("dfsmerge.space")
+space_module = evolve_module if hasattr(evolve_module, "load_search") else importlib.import_module("dfsmerge.space")
 SearchConfig, SearchSpace = space_module.SearchConfig, space_module.SearchSpace
 from dfsmerge.recipe import Source
 
