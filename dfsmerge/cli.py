@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import sys
+from pathlib import Path
 from typing import Callable
 
 __all__ = ["main"]
@@ -123,12 +125,17 @@ def cmd_evolve(args: argparse.Namespace) -> None:
 
     from .evolve import evolve
     from .space import load_search
+    from .recipe import RecipeError
     from .writer import check_target
 
     hf_logging.disable_progress_bar()  # the log is one line per trial, also in a file
     search = load_search(args.search)
-    if args.merge_best:  # checked now, not after the search
-        check_target(args.merge_best, False, [s.path for s in search.sources] + [args.out])
+    if args.merge_best:  # checked now, not after the search; a folder inside the run folder is fine
+        check_target(args.merge_best, False, [s.path for s in search.sources])
+        best, run = (Path(os.path.abspath(p)) for p in (args.merge_best, args.out))
+        if best == run or best in run.parents:
+            raise RecipeError(f"--merge-best: {args.merge_best} would replace the run folder {args.out}; name "
+                              "another folder (one inside the run folder is fine)")
     result = evolve(search, args.out, storage=args.storage, study_name=args.study,
                     merge_best=args.merge_best, quiet=args.quiet)
     held_out = "" if result.best_validation is None else f", held-out {result.best_validation:.5g}"

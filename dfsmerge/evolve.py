@@ -39,6 +39,7 @@ import json
 import math
 import os
 import random
+import shutil
 import socket
 import statistics
 import time
@@ -50,6 +51,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from .recipe import Recipe, RecipeError
+from .writer import check_apart
 from .space import PERIODS, SearchConfig, SearchSpace, search_evaluators
 
 __all__ = ["evolve", "EvolveResult", "done_trials", "best_trial", "state_of", "score_of"]
@@ -886,19 +888,37 @@ class EvolveResult:
     notes: str  # the same as Markdown, for a model card
 
 
+def _run_folder(out: str | os.PathLike, config: SearchConfig) -> Path:
+    """The run folder, absolute: a folder (new, or a run's to resume) apart from every source (``check_apart``).
+    Raises :class:`RecipeError` naming ``out``."""
+    real = check_apart(out, [s.path for s in config.sources], "out")
+    existing = real if real.exists() else next(p for p in real.parents if p.exists())
+    if not existing.is_dir():
+        raise RecipeError(f"out: {existing} is a file; name a folder for the run (new, or a run to resume)")
+    return real
+
+
 def evolve(config: SearchConfig, out: str | os.PathLike, storage: str | None = None, study_name: str | None = None,
            merge_best: str | os.PathLike | None = None, quiet: bool = False) -> EvolveResult:
     """Run (or resume, or join) the search of ``config`` until the study holds ``config.budget`` finished
     trials; outputs go to ``out``. Run the same call on many machines with one ``storage`` URL (PostgreSQL) and
     ``study_name`` to share the work. Prints one line per trial and a final table unless ``quiet``."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    storage = storage or f"sqlite:///{(out / 'study.db').resolve()}"
-    study_name = study_name or out.resolve().name
+    out = _run_folder(out, config)
+    storage = storage or f"sqlite:///{out / 'study.db'}"
+    if storage.startswith("sqlite:///"):
+        check_apart(storage[len("sqlite:///"):], [s.path for s in config.sources], "storage")
+    study_name = study_name or out.name
     space = SearchSpace(config)
-    rdb = _storage(storage, config.heartbeat)
-    study = open_study(config, space, rdb, study_name)
-    worker = _Worker(config, space, study, rdb, out, quiet)
+    created = not out.exists()
+    try:  # a run that cannot start leaves nothing behind
+        out.mkdir(parents=True, exist_ok=True)
+        rdb = _storage(storage, config.heartbeat)
+        study = open_study(config, space, rdb, study_name)
+        worker = _Worker(config, space, study, rdb, out, quiet)
+    except BaseException:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     if not quiet:
         print(f"search: {space.describe()}; sampler {sampler_kind(config, space)}; budget {config.budget} trials "
               f"({config.budget - config.trials} baselines + {config.population} x {config.generations}); "

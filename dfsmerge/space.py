@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .evaluate import Objective, make_objective, speed_defaults
-from .plan import dtype_name
+from .plan import check_device, compact_plan, dtype_name
 from .recipe import (Hop, Recipe, RecipeError, Source, dump_legacy, dump_native, load_yaml, parse_source,
                      recipe_from_legacy)
 
@@ -182,16 +182,23 @@ def parse_search(doc: dict, base: Path = Path(".")) -> SearchConfig:
 
 
 def load_search(path: str | os.PathLike) -> SearchConfig:
-    """Read a search file (same safe YAML loader as recipes) and the depth of its sources (configs only)."""
+    """Read a search file (same safe YAML loader as recipes) and check it against its sources' configs (no
+    weights read): one depth for all models, and models that stack (width, family, vocabulary: the rules of
+    ``plan``, applied to a recipe that uses every layer), on a device this machine has."""
     from .sources import read_config
 
     config = read_search(path)
     config.sources = [Source(str(config.base / s.path), s.revision) if (config.base / s.path).exists()
                       and not Path(s.path).is_absolute() else s for s in config.sources]
-    depths = [int(read_config(s, config.cache_dir)["num_hidden_layers"]) for s in config.sources]
+    configs = [read_config(s, config.cache_dir) for s in config.sources]
+    depths = [int(c["num_hidden_layers"]) for c in configs]
     if len(set(depths)) > 1:
         raise RecipeError(f"models: the search's layout needs one depth for all models, got {depths} layers")
     config.layers = depths[0]
+    every = Recipe(config.sources, [Hop(m, layer) for m in range(len(configs)) for layer in range(config.layers)],
+                   input_model=config.input_model, output_model=config.output_model)
+    compact_plan(every, configs, config.dtype)
+    check_device(config.device)
     return config
 
 

@@ -34,7 +34,7 @@ from .plan import DTYPES, Plan, TensorTask, dtype_name, is_classifier
 from .recipe import RecipeError, Source, brief, dump_native
 from .sources import Checkpoint, StoredBytes
 
-__all__ = ["parse_size", "check_target", "atomic_folder", "sigterm_as_interrupt", "Terminated", "write_tensors",
+__all__ = ["parse_size", "check_apart", "check_target", "atomic_folder", "sigterm_as_interrupt", "Terminated", "write_tensors",
            "write_metadata", "model_card", "write_modeling_file", "portable_tokenizer_config",
            "TOKENIZER_CLASSES_BOTH_READ", "hub_ids", "card_base_model", "CARD_TAGS"]
 
@@ -68,6 +68,27 @@ def parse_size(text: str | int) -> int:
 # ---------------------------------------------------------------------------------------------------- the output
 
 
+def check_apart(path: str | os.PathLike, sources: Iterable[str | os.PathLike], field: str,
+                what: str = "source") -> Path:
+    """The one rule that keeps writes away from sources: ``path`` (to be written) must not be one of
+    ``sources`` (folders or files), lie inside one or contain one; paths are resolved and symbolic links followed,
+    and a source that is not on disk (a hub ID) is skipped. ``what`` names the protected paths in the message.
+    Returns ``path`` resolved; raises :class:`RecipeError` naming ``field``."""
+    if not str(path).strip():
+        raise RecipeError(f"{field}: the path is empty")
+    real = Path(os.path.abspath(Path(path).expanduser())).resolve()
+    for source in sources:
+        if not os.path.lexists(source):
+            continue
+        src = Path(source).resolve()
+        relation = ("is" if real == src else "lies inside" if src in real.parents else
+                    "contains" if real in src.parents else None)
+        if relation:
+            raise RecipeError(f"{field}: {path} {relation} the {what} {source}; dfsmerge never writes into, over "
+                              f"or around a {what} (even with --force)")
+    return real
+
+
 def check_target(target: str | os.PathLike, force: bool, sources: Iterable[str | os.PathLike]) -> Path:
     """Refuse an output path before any work, and again just before the output is put in place. Refused, with
     or without ``force``: a target that is one of ``sources`` (folders or files), lies inside one or contains
@@ -79,16 +100,7 @@ def check_target(target: str | os.PathLike, force: bool, sources: Iterable[str |
     target = Path(os.path.abspath(Path(target).expanduser()))
     if target.is_symlink():
         raise RecipeError(f"output: {target} is a symbolic link (to {os.readlink(target)}); name a real folder")
-    real = target.resolve()
-    for source in sources:
-        if not os.path.lexists(source):  # a hub ID
-            continue
-        src = Path(source).resolve()
-        relation = ("is" if real == src else "lies inside" if src in real.parents else
-                    "contains" if real in src.parents else None)
-        if relation:
-            raise RecipeError(f"output: {target} {relation} the source {source}; a merge never writes into, over "
-                              "or around a source (even with --force)")
+    real = check_apart(target, sources, "output")
     if os.path.lexists(target):
         if not target.is_dir():
             raise RecipeError(f"output: {target} exists and is not a folder")
