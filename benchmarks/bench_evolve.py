@@ -93,7 +93,7 @@ if hasattr(config, "baselines"):
 space = SearchSpace(config)
 if hasattr(evolve_module, "_storage_class"):  # parameters stored in one transaction, as a search does
     storage = evolve_module._storage(storage, 60)
-    at_once = storage.parameters_at_once
+    at_once = storage.at_once
 else:
     at_once = contextlib.nullcontext
 study = open_study(config, space, storage, "cost")

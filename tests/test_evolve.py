@@ -176,10 +176,10 @@ def test_cma_es_never_redraws_a_sample(sampler, optimizer):
 
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # study.ask, not optimize, here
-def test_parameters_stored_at_once_read_back_as_drawn(tmp_path):
-    """The search stores a candidate's parameters in one transaction (pairwise spaces have thousands): a new
-    connection to the study reads back exactly what was drawn, for each trial, and nothing is written before the
-    block ends."""
+def test_parameters_and_reports_stored_at_once_read_back_as_drawn(tmp_path):
+    """The search stores a candidate's parameters (pairwise spaces have thousands) and a chunk's reports to the
+    pruner in one transaction each: a new connection to the study reads back exactly what was drawn and
+    reported, for each trial, and nothing is written before the block ends."""
     import optuna
 
     from dfsmerge.evolve import _storage, open_study
@@ -188,15 +188,21 @@ def test_parameters_stored_at_once_read_back_as_drawn(tmp_path):
     url = f"sqlite:///{tmp_path / 'study.db'}"
     storage = _storage(url, 60)
     study = open_study(space.config, space, storage, "s")
-    drawn = []
-    for _ in range(3):
+    drawn, reported = [], []
+    for number in range(3):
         trial = study.ask()
-        with storage.parameters_at_once():
+        with storage.at_once():
             drawn.append(space.suggest(trial))
-            assert optuna.load_study(study_name="s", storage=url).trials[trial.number].params == {}
+            shares = {step: float(number - step) for step in range(5)} | {5: float("nan"), 6: float("-inf")}
+            for step, share in shares.items():
+                trial.report(share, step)
+            reported.append(shares)
+            fresh = optuna.load_study(study_name="s", storage=url).trials[trial.number]
+            assert fresh.params == {} and fresh.intermediate_values == {}
         study.tell(trial, 0.0)
-    stored = [t.params for t in optuna.load_study(study_name="s", storage=url).trials if t.params]
-    assert len(drawn[0]) == len(space.boxes) > 100 and stored == drawn
+    stored = [t for t in optuna.load_study(study_name="s", storage=url).trials if t.params]
+    assert len(drawn[0]) == len(space.boxes) > 100 and [t.params for t in stored] == drawn
+    assert [str(t.intermediate_values) for t in stored] == [str(r) for r in reported]  # str: nan == nan
 
 
 def test_keep_ends_forces_the_first_and_last_layer():
