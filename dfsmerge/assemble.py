@@ -22,7 +22,7 @@ from .plan import DTYPES, check_device, compact_plan, dtype_name, is_classifier
 from .recipe import Recipe, RecipeError, Source, Transform, load_recipe
 from .sources import Checkpoint, open_checkpoint, read_config
 
-__all__ = ["Sources", "assemble", "model_from_checkpoint"]
+__all__ = ["load_tokenizer", "Sources", "assemble", "model_from_checkpoint"]
 
 _TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json"}
 
@@ -88,13 +88,27 @@ class Sources:
             family = family_of(config, str(source))
             checkpoint = open_checkpoint(source, config, self.cache_dir, DTYPES[self.dtype])
             cls = getattr(transformers, family.classifier if is_classifier(config) else family.causal_lm)
+            tokenizer = None  # before the weights: a broken tokenizer file is found at once
+            if {f.name for f in checkpoint.tokenizer_files()} & _TOKENIZER_FILES:
+                tokenizer = load_tokenizer(checkpoint.folder)
             model = model_from_checkpoint(cls, transformers.AutoConfig.for_model(**config), checkpoint,
                                           DTYPES[self.dtype], self.next_device())
-            tokenizer = None
-            if {f.name for f in checkpoint.tokenizer_files()} & _TOKENIZER_FILES:
-                tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint.folder)
             self._loaded[source] = (model, tokenizer)
         return self._loaded[source]
+
+
+def load_tokenizer(folder: str | Path) -> Any:
+    """transformers' ``AutoTokenizer`` of a model folder. Raises :class:`RecipeError` naming the folder and its
+    tokenizer files when they cannot be read (a broken ``tokenizer.json``, a missing one that a slow tokenizer
+    would need a package to rebuild, ...)."""
+    import transformers
+
+    try:
+        return transformers.AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        files = sorted(f.name for f in Path(folder).glob("*") if f.name in _TOKENIZER_FILES) or ["no tokenizer file"]
+        raise RecipeError(f"{folder}: cannot load the tokenizer ({', '.join(files)}): {type(exc).__name__}: "
+                          f"{exc}") from None
 
 
 def _devices(device: str | torch.device | Sequence[str]) -> list[torch.device]:

@@ -7,9 +7,10 @@ import argparse
 import logging
 import math
 import os
+import re
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NoReturn
 
 __all__ = ["main"]
 
@@ -152,7 +153,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.search:
         return _eval_search(args)
     defaults = speed_defaults(args.device)
-    spec: dict = {"validation": 0, "batch_size": args.batch_size or defaults["batch_size"]}
+    spec: dict = {"validation": 0, "batch_size": defaults["batch_size"] if args.batch_size is None else args.batch_size}
     if args.evaluator.startswith("python:"):
         spec["python"] = args.evaluator[len("python:"):]
     else:
@@ -200,6 +201,42 @@ def _eval_search(args: argparse.Namespace) -> None:
         print(f"{target:<{width}}" + "".join(f"  {score:>12.5g}" for score in row), flush=True)
 
 
+class ArgumentProblem(Exception):
+    """A command-line argument argparse refused, as one line ``<option>: <what was expected>``."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line naming the option first (the usage block is for ``--help``)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ArgumentProblem(_argument_problem(message, self.prog))
+
+
+_MAX_LINE = 1000  # as RecipeError's bound on a message
+
+
+def _argument_problem(message: str, prog: str) -> str:
+    """argparse's message reworded field first: ``--dtype: expected one of a, b, got 'x'``."""
+    named = re.fullmatch(r"argument (\S+): (.*)", message, re.S)
+    if named is None:
+        required = re.fullmatch(r"the following arguments are required: (.*)", message, re.S)
+        unknown = re.fullmatch(r"unrecognized arguments: (.*)", message, re.S)
+        line = (f"{required[1]}: missing (see `{prog} --help`)" if required else
+                f"{unknown[1]}: unknown argument (see `{prog} --help`)" if unknown else f"{prog}: {message}")
+    else:
+        name, problem = named[1].split("/")[-1], named[2]
+        choice = re.fullmatch(r"invalid choice: (.*) \(choose from (.*)\)", problem, re.S)
+        kind = re.fullmatch(r"invalid (int|float) value: (.*)", problem, re.S)
+        if choice:
+            problem = f"expected one of {choice[2].replace(chr(39), '')}, got {choice[1]}"
+        elif kind:
+            problem = f"expected {'an integer' if kind[1] == 'int' else 'a number'}, got {kind[2]}"
+        elif problem == "expected one argument":
+            problem = f"expected a value (one that starts with '-' is written {name}=VALUE)"
+        line = f"{name}: {problem}"
+    return line if len(line) <= _MAX_LINE else f"{line[:_MAX_LINE // 2]} [... cut ...] {line[-_MAX_LINE // 2:]}"
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                    help="output dtype (the folding math runs in float32 first)")
@@ -207,7 +244,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dfsmerge", description="Data-flow-space merging of language models.")
+    parser = _Parser(prog="dfsmerge", description="Data-flow-space merging of language models.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -290,8 +327,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status. An input problem prints one line
     ``error: <where>: <what was expected>`` and returns 2 (``--debug`` raises it instead, with its traceback);
-    Ctrl-C returns 130 and SIGTERM 143, after the same cleanup."""
-    args = build_parser().parse_args(argv)
+    Ctrl-C returns 130 and SIGTERM 143, after the same cleanup. A refused command-line argument is such a line
+    too (:class:`ArgumentProblem`)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except ArgumentProblem as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     quiet = getattr(args, "quiet", False)
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
     func: Callable[[argparse.Namespace], None] = args.func

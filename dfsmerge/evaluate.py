@@ -44,7 +44,7 @@ from .plan import DTYPES, check_device, dtype_name
 from .recipe import RecipeError, brief
 
 __all__ = ["Evaluator", "Chunk", "Loglik", "Choice", "Generate", "LmEval", "PythonEvaluator", "Objective",
-           "WeightedEvaluator", "load_jsonl", "split_examples", "make_evaluators", "make_objective",
+           "WeightedEvaluator", "Text", "load_jsonl", "read_jsonl", "split_examples", "make_evaluators", "make_objective",
            "speed_defaults", "perplexity", "load_model"]
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # input ids, attention mask, per-row index
@@ -59,13 +59,23 @@ def speed_defaults(device: str) -> dict[str, Any]:
     return {"batch_size": 8 if cpu else 32, "dtype": "float32" if cpu else "bfloat16", "max_length": 1024}
 
 
+class Text(str):
+    """The type of a field that must hold a string with more than white space (a text to score or a prompt)."""
+
+
 def load_jsonl(path: str | Path, max_examples: int | None = None,
                required: Sequence[str] | Mapping[str, Any] = (), where: str = "evaluator") -> list[dict]:
     """The first ``max_examples`` JSON objects of a UTF-8 JSONL file (blank lines skipped). ``required`` names
-    the keys each must have, or maps them to their types (``str``, ``int | str``, ``list[str]``: a non-empty
-    list). Every problem is a :class:`RecipeError` at ``file:line`` (``where`` names the evaluator otherwise),
-    found when the file is read, before any candidate runs."""
-    examples: list[dict] = []
+    the keys each must have, or maps them to their types (``str``, :class:`Text`, ``int | str``, ``list[str]``:
+    a non-empty list). Every problem is a :class:`RecipeError` at ``file:line`` (``where`` names the evaluator
+    otherwise), found when the file is read, before any candidate runs."""
+    return [example for _, example in read_jsonl(path, max_examples, required, where)]
+
+
+def read_jsonl(path: str | Path, max_examples: int | None = None,
+               required: Sequence[str] | Mapping[str, Any] = (), where: str = "evaluator") -> list[tuple[str, Any]]:
+    """:func:`load_jsonl`'s examples with where each comes from, ``(file:line, example)``."""
+    examples: list[tuple[str, Any]] = []
     try:
         lines = Path(path).read_bytes().split(b"\n")
     except OSError as exc:
@@ -93,15 +103,18 @@ def load_jsonl(path: str | Path, max_examples: int | None = None,
             raise RecipeError(f"{path}:{number}: expected keys {list(kinds)}, missing {missing}")
         for key, kind in kinds.items():
             if not _fits(example[key], kind):
-                raise RecipeError(f"{path}:{number}: {key}: expected {_type_name(kind)}, got {brief(example[key])}")
-        examples.append(example)
+                raise RecipeError(f"{path}:{number}: {key}: expected {_type_name(kind, example[key])}, got {brief(example[key])}")
+        examples.append((f"{path}:{number}", example))
     if not examples:
         raise RecipeError(f"{where}.data: {path} holds no examples")
     return examples
 
 
 def _fits(value: Any, kind: Any) -> bool:
-    """``isinstance`` for ``str``, ``int | str``, ``list[str]`` (non-empty); a bool is not a number here."""
+    """``isinstance`` for ``str``, ``int | str``, ``list[str]`` (non-empty); a bool is not a number here;
+    :class:`Text` is a string with more than white space."""
+    if kind is Text:
+        return isinstance(value, str) and bool(value.strip())
     if typing.get_origin(kind) is list:
         item = typing.get_args(kind)[0]
         return isinstance(value, list) and bool(value) and all(_fits(v, item) for v in value)
@@ -109,7 +122,12 @@ def _fits(value: Any, kind: Any) -> bool:
     return isinstance(value, kinds) and (bool in kinds or object in kinds or not isinstance(value, bool))
 
 
-def _type_name(kind: Any) -> str:
+def _type_name(kind: Any, value: Any) -> str:
+    """What ``kind`` expects, said of ``value``: a blank string where :class:`Text` is expected is told apart."""
+    if kind is Text or typing.get_args(kind) == (Text,):
+        plain = str if kind is Text else list[str]
+        return _type_name(plain, value) if not _fits(value, plain) else (
+            "text that is not empty or white space" if kind is Text else "texts that are not empty or white space")
     return getattr(kind, "__name__", None) if typing.get_origin(kind) is None and not isinstance(
         kind, types.UnionType) else str(kind)
 
@@ -203,8 +221,9 @@ class Evaluator:
     metric = "score"
 
     def __init__(self, examples: list, batch_size: int = 8, max_length: int | None = 1024,
-                 chunk_size: int | None = None, seed: int = 0):
+                 chunk_size: int | None = None, seed: int = 0, origins: list[str] | None = None):
         self.examples = examples
+        self.origins = origins  # where each example comes from, "file:line", for errors
         self.batch_size = batch_size
         self.max_length = max_length
         self.chunk_size = chunk_size or 4 * batch_size
@@ -224,7 +243,32 @@ class Evaluator:
         return [order[start:start + self.chunk_size] for start in range(0, len(order), self.chunk_size)]
 
     def prepare(self, tokenizer: Any) -> list[Chunk]:
+        """The chunks of padded batches for ``tokenizer``; raises :class:`RecipeError` on an example that has
+        nothing to score (:meth:`tokens`)."""
         raise NotImplementedError
+
+    def prepared(self, tokenizer: Any) -> list[Chunk]:
+        """:meth:`prepare`'s chunks, kept for the last tokenizer (a search checks its data with it up front)."""
+        if tokenizer is not self._tokenizer:  # keeps a reference, so an identity check is safe
+            self._chunks, self._tokenizer = self.prepare(tokenizer), tokenizer
+        return self._chunks
+
+    def origin(self, i: int, field: str) -> str:
+        """``file:line: field`` of example ``i`` (``evaluator.data: example i: field`` without its file)."""
+        return f"{self.origins[i] if self.origins else f'evaluator.data: example {i}'}: {field}"
+
+    @staticmethod
+    def tokens(tokenizer: Any, texts: list[str], least: int, where: Callable[[int], str], **options: Any
+               ) -> list[list[int]]:
+        """The token ids of ``texts``, each checked to have at least ``least`` tokens: an example with nothing
+        to score would score 0 or a tie, and pass for a perfect candidate. Raises :class:`RecipeError` at
+        ``where(i)`` (:meth:`origin`). ``options`` go to the tokenizer."""
+        rows = tokenizer(texts, **options)["input_ids"] if texts else []
+        for i, row in enumerate(rows):
+            if len(row) < least:
+                raise RecipeError(f"{where(i)}: expected text with at least {least} token{'s' * (least > 1)}, "
+                                  f"got {brief(texts[i])} ({len(row)})")
+        return rows
 
     def score_chunk(self, model: torch.nn.Module, tokenizer: Any, chunk: Chunk) -> torch.Tensor:
         """The scores of ``chunk.examples``, in that order: float64, shape ``(len(chunk.examples),)``."""
@@ -255,9 +299,7 @@ class Evaluator:
         """``(example indices, their scores)`` chunk by chunk (:meth:`parts`), the model in eval mode meanwhile;
         ``order``: a seed that shuffles the order of the chunks (their content stays). Stopping early is allowed:
         the model gets its mode back when the generator is closed."""
-        if tokenizer is not self._tokenizer:  # keeps a reference, so an identity check is safe
-            self._chunks, self._tokenizer = self.prepare(tokenizer), tokenizer
-        chunks = list(self._chunks)
+        chunks = list(self.prepared(tokenizer))
         if order is not None:
             random.Random(order).shuffle(chunks)
         was_training = model.training
@@ -290,7 +332,8 @@ class Loglik(Evaluator):
     metric = "loglik"
 
     def prepare(self, tokenizer: Any) -> list[Chunk]:
-        rows = [ids[:self.max_length] for ids in tokenizer([e["text"] for e in self.examples])["input_ids"]]
+        rows = [ids[:self.max_length] for ids in self.tokens(
+            tokenizer, [e["text"] for e in self.examples], 2, lambda i: self.origin(i, "text"))]
         tokens = torch.tensor([max(len(row) - 1, 0) for row in rows], dtype=torch.float64)
         self._tokens = tokens
         self._weights = tokens / tokens.mean() if tokens.sum() > 0 else torch.ones_like(tokens)
@@ -324,13 +367,14 @@ class Choice(Evaluator):
             index = answer if isinstance(answer, int) and not isinstance(answer, bool) else (
                 choices.index(answer) if answer in choices else -1)
             if not 0 <= index < len(choices):
-                raise RecipeError(f"evaluator.data: example {i}: answer {answer!r} is neither an index nor one "
-                                  f"of the {len(choices)} choices")
+                raise RecipeError(f"{self.origin(i, 'answer')}: expected an index or one of the {len(choices)} "
+                                  f"choices, got {brief(answer)}")
             answers.append(index)
-            prompt = tokenizer(example["prompt"])["input_ids"]
+            prompt = self.tokens(tokenizer, [example["prompt"]], 1, lambda _: self.origin(i, "prompt"))[0]
+            conts = self.tokens(tokenizer, choices, 1, lambda j: self.origin(i, f"choices[{j}]"),
+                                add_special_tokens=False)
             rows_of.append([])
-            for j, choice in enumerate(choices):
-                cont = tokenizer(choice, add_special_tokens=False)["input_ids"]
+            for j, cont in enumerate(conts):
                 row = (prompt + cont)[-self.max_length:]
                 rows_of[-1].append(len(rows))
                 rows.append(row)
@@ -370,8 +414,8 @@ class Generate(Evaluator):
 
     def __init__(self, examples: list[dict], batch_size: int = 8, max_length: int = 1024,
                  chunk_size: int | None = None, max_new_tokens: int = 64,
-                 answer_regex: str = r"-?\d[\d,]*(?:\.\d+)?"):
-        super().__init__(examples, batch_size, max_length, chunk_size)
+                 answer_regex: str = r"-?\d[\d,]*(?:\.\d+)?", origins: list[str] | None = None):
+        super().__init__(examples, batch_size, max_length, chunk_size, origins=origins)
         self.max_new_tokens = max_new_tokens
         self.last_outputs: dict[int, str] = {}  # example index -> text generated by the last call
         try:
@@ -389,7 +433,8 @@ class Generate(Evaluator):
         return normalize_answer(last.group(1) if self.pattern.groups else last.group(0))
 
     def prepare(self, tokenizer: Any) -> list[Chunk]:
-        rows = [ids[-self.max_length:] for ids in tokenizer([e["prompt"] for e in self.examples])["input_ids"]]
+        rows = [ids[-self.max_length:] for ids in self.tokens(
+            tokenizer, [e["prompt"] for e in self.examples], 1, lambda i: self.origin(i, "prompt"))]
         pad = _pad_id(tokenizer)
         return [Chunk(part, self._batched([rows[i] for i in part], part, pad, left=True)) for part in self.parts()]
 
@@ -467,8 +512,8 @@ def _import_function(spec: Any, base: Path, where: str) -> Callable:
     return function
 
 
-_REQUIRED = {"loglik": {"text": str}, "choice": {"prompt": str, "choices": list[str], "answer": int | str},
-             "generate": {"prompt": str, "answer": str | int | float}}
+_REQUIRED = {"loglik": {"text": Text}, "choice": {"prompt": str, "choices": list[Text], "answer": int | str},
+             "generate": {"prompt": Text, "answer": str | int | float}}
 _COMMON_KEYS = ("type", "name", "weight", "validation", "batch_size", "max_length", "chunk_size")
 _KEYS = {
     "loglik": ("data", "max_examples"),
@@ -547,18 +592,19 @@ def make_evaluators(spec: dict, base: Path = Path("."), device: str = "cpu", whe
     else:
         if "data" not in spec and kind != "python":
             raise RecipeError(f"{where}.data: the {kind} evaluator needs a JSONL file")
-        examples = load_jsonl(base / spec["data"], spec.get("max_examples"), _REQUIRED.get(kind, ()), where) \
+        lines = read_jsonl(base / spec["data"], spec.get("max_examples"), _REQUIRED.get(kind, ()), where) \
             if "data" in spec else []
-        search, held_out = split_examples(examples, validation, where=where) if examples else ([], [])
+        search, held_out = split_examples(lines, validation, where=where) if lines else ([], [])
         sizes["max_length"] = spec.get("max_length", speed_defaults(device)["max_length"])
 
-        def build(part: list) -> Evaluator:
+        def build(part: list) -> Evaluator:  # part: (file:line, example) pairs
+            examples, origins = [e for _, e in part], [o for o, _ in part]
             if kind == "python":
-                return PythonEvaluator(_import_function(spec["python"], base, where), part)
+                return PythonEvaluator(_import_function(spec["python"], base, where), examples)
             if kind == "generate":
                 extra = {k: spec[k] for k in ("max_new_tokens", "answer_regex") if k in spec}
-                return Generate(part, **sizes, **extra)
-            return {"loglik": Loglik, "choice": Choice}[kind](part, **sizes)
+                return Generate(examples, **sizes, **extra, origins=origins)
+            return {"loglik": Loglik, "choice": Choice}[kind](examples, **sizes, origins=origins)
 
     return build(search), (build(held_out) if held_out else None)
 
@@ -636,14 +682,22 @@ def perplexity(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], bat
 def load_model(target: str, dtype: str | torch.dtype = "float32", device: str = "cpu", cache_dir: str | None = None
                ) -> tuple[torch.nn.Module, Any]:
     """What ``dfsmerge eval`` scores: a model folder (``from_pretrained``), a recipe file (assembled in memory)
-    or any other source a recipe may name (a ``.gguf`` file, a hub ID: run as the identity recipe)."""
+    or any other source a recipe may name (a ``.gguf`` file, a hub ID: run as the identity recipe). A folder
+    whose tokenizer or model transformers cannot load is a :class:`RecipeError` naming the folder."""
     dtype, device = dtype_name(dtype), check_device(device)
     path = Path(target)
     if (path / "config.json").is_file():
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).to(device)
-        return model, AutoTokenizer.from_pretrained(path)
+        from .assemble import load_tokenizer
+
+        tokenizer = load_tokenizer(path)  # before the weights
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).to(device)
+        except (OSError, ValueError, KeyError) as exc:  # no weights, a config transformers cannot read, ...
+            raise RecipeError(f"{path}: cannot load the model (config.json and its weights): "
+                              f"{type(exc).__name__}: {exc}") from None
+        return model, tokenizer
     from .assemble import assemble
     from .recipe import Hop, Recipe, Source, load_recipe
     from .sources import read_config

@@ -303,15 +303,18 @@ def fingerprint(config: SearchConfig, space: SearchSpace) -> dict[str, Any]:
     }
 
 
-def _changes(stored: dict, now: dict) -> list[str]:
-    """The fields that differ, with the old and new value where they are short."""
-    changes = []
-    for key in sorted(set(stored) | set(now)):
-        old, new = stored.get(key), now.get(key)
-        if old != new:
-            shown = f"{json.dumps(old)} -> {json.dumps(new)}"
-            changes.append(key if "contents" in key or len(shown) > 80 else f"{key}: {shown}")
-    return changes
+def _changes(stored: Any, now: Any, key: str = "") -> list[str]:
+    """The fields that differ, nested settings by their path (``evaluator.validation``, ``models[1]``), with the
+    old and new value where they are short."""
+    if isinstance(stored, dict) and isinstance(now, dict):
+        return [change for k in sorted(set(stored) | set(now))
+                for change in _changes(stored.get(k), now.get(k), f"{key}.{k}" if key else k)]
+    if isinstance(stored, list) and isinstance(now, list) and len(stored) == len(now):
+        return [change for i, pair in enumerate(zip(stored, now)) for change in _changes(*pair, f"{key}[{i}]")]
+    if stored == now:
+        return []
+    shown = f"{json.dumps(stored)} -> {json.dumps(now)}"
+    return [key if "contents" in key or len(shown) > 80 else f"{key}: {shown}"]
 
 
 def open_study(config: SearchConfig, space: SearchSpace, storage: str | Any, study_name: str) -> Any:
@@ -555,13 +558,15 @@ class Timing:
         return max(0.0, self.loop - self.evaluation - self.sampling - self.assembly)
 
     def line(self) -> str:
+        loaded = f"sources loaded in {self.loading:.1f} s" + (f", waited {self.waiting:.1f} s for other workers"
+                                                             if self.waiting >= 0.5 else "")
+        if not self.trials:  # a finished run resumed, or other workers took every trial
+            return f"time: no trial ran in this worker; {loaded}"
         total = max(self.loop, 1e-9)
         parts = ", ".join(f"{name} {getattr(self, name) / total:.1%}"
                           for name in ("evaluation", "sampling", "assembly", "other"))
-        per_trial = self.loop / self.trials if self.trials else math.nan
-        return (f"time: {self.trials} trials in {self.loop:.1f} s ({per_trial:.2f} s per trial): {parts}; "
-                f"sources loaded in {self.loading:.1f} s" + (f", waited {self.waiting:.1f} s for other workers"
-                                                              if self.waiting >= 0.5 else ""))
+        return (f"time: {self.trials} trials in {self.loop:.1f} s ({self.loop / self.trials:.2f} s per trial): "
+                f"{parts}; {loaded}")
 
 
 class _Worker:
@@ -579,6 +584,7 @@ class _Worker:
                                    cache_dir=config.cache_dir)
             for source in config.sources:
                 self.sources.model(source)
+            self.check_data()
         self.failures: list[str] = []  # this worker's errors while it has had no success
         self.succeeded = False
         self.name = f"{socket.gethostname()}:{os.getpid()}"
@@ -588,6 +594,18 @@ class _Worker:
         self.started = time.perf_counter()
         self.start_done = len(done_trials(study.get_trials(deepcopy=False)))
         self.last_plot, self.plot_cost = self.started, 0.0  # the first plots after _PLOT_EVERY_S
+
+    def check_data(self) -> None:
+        """Tokenize every evaluator's examples with each source's tokenizer, the input model's last (the one the
+        candidates use, so its chunks stay prepared): an example with nothing to score is a :class:`RecipeError`
+        that stops the search now, not a failure of every trial."""
+        c = self.config
+        evaluators = [e for objective in (self.splits.objective, self.splits.test) if objective is not None
+                      for p in objective.parts for e in (p.search, p.held_out) if e is not None]
+        order = [s for i, s in enumerate(c.sources) if i != c.input_model] + [c.sources[c.input_model]]
+        for tokenizer in {id(t): t for t in map(self.sources.tokenizer, order) if t is not None}.values():
+            for evaluator in evaluators:
+                evaluator.prepared(tokenizer)
 
     @contextmanager
     def timed(self, part: str) -> Iterator[None]:

@@ -194,7 +194,7 @@ def _construct_ordered_dict(loader: yaml.SafeLoader, suffix: str, node: yaml.Nod
 
     if suffix != "collections.OrderedDict":
         raise yaml.constructor.ConstructorError(
-            None, None, f"refusing Python tag !!python/object/apply:{brief(suffix)}", node.start_mark
+            None, None, f"refusing Python tag !!python/object/apply:{suffix}", node.start_mark
         )
     if isinstance(node, yaml.SequenceNode):  # yaml.dump(OrderedDict) writes [[pairs]] as the args
         args, items = loader.construct_sequence(node, deep=True), {}
@@ -217,8 +217,12 @@ def _construct_ordered_dict(loader: yaml.SafeLoader, suffix: str, node: yaml.Nod
 
 
 def _refuse(loader: yaml.SafeLoader, suffix: str, node: yaml.Node) -> None:
+    """Any other tag: a Python one (``!!python/...``) or a custom one (``!name``), named whole as written (a long
+    message is cut by :class:`RecipeError`, marked)."""
+    tag = node.tag.replace("tag:yaml.org,2002:", "!!", 1)
+    kind = "refusing Python tag" if tag.startswith("!!python/") else "unknown tag"
     raise yaml.constructor.ConstructorError(
-        None, None, f"refusing Python tag {brief(node.tag)}: recipes may only use !!python/tuple and "
+        None, None, f"{kind} {tag}: recipes may only use !!python/tuple and "
         "!!python/object/apply:collections.OrderedDict", node.start_mark,
     )
 

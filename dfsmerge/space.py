@@ -26,6 +26,7 @@ or ``evaluators:``, and ``test:``) and their three splits (:class:`Splits`). Err
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,8 +34,8 @@ from typing import Any, Iterable
 
 from .evaluate import Objective, make_objective, speed_defaults
 from .plan import check_device, compact_plan, dtype_name
-from .recipe import (Hop, Recipe, RecipeError, Source, dump_legacy, dump_native, load_yaml, parse_source,
-                     recipe_from_legacy)
+from .recipe import (MAX_VALUES, Hop, Recipe, RecipeError, Source, dump_legacy, dump_native, load_yaml,
+                     parse_source, recipe_from_legacy)
 
 __all__ = ["SearchConfig", "SearchSpace", "Candidate", "Splits", "load_search", "read_search", "parse_search",
            "search_evaluators", "mirror", "PERIODS"]
@@ -114,9 +115,19 @@ def _scales(value: Any) -> tuple[float, float] | None:
     if value is False:
         return None
     if (isinstance(value, list) and len(value) == 2 and all(isinstance(s, (int, float)) and not isinstance(s, bool)
-                                                            for s in value) and 0 <= value[0] < value[1]):
+                                                            and math.isfinite(s) for s in value)
+            and 0 <= value[0] < value[1]):
         return float(value[0]), float(value[1])
-    raise RecipeError(f"search.scales: expected [low, high] with 0 <= low < high, or false, got {value!r}")
+    raise RecipeError(f"search.scales: expected [low, high], finite numbers with 0 <= low < high, or false, got "
+                      f"{value!r}")
+
+
+def _check_slots(num_r: int, models: int, layers: int = 1) -> None:
+    """The slots ``num_r x models x layers`` must fit in a legacy recipe (every candidate is written as one, and
+    its ``layer_mask`` has an entry per slot): at most ``recipe.MAX_VALUES``, the loader's bound on a file."""
+    if num_r * models * layers > MAX_VALUES:
+        raise RecipeError(f"num_r: expected num_r x {models} models x {layers} layers <= {MAX_VALUES:,} slots (a "
+                          f"legacy recipe's layer_mask holds one entry per slot), got num_r {num_r}")
 
 
 def parse_search(doc: dict, base: Path = Path(".")) -> SearchConfig:
@@ -140,6 +151,7 @@ def parse_search(doc: dict, base: Path = Path(".")) -> SearchConfig:
     config = SearchConfig(sources=sources, evaluator=doc.get("evaluator", doc.get("evaluators")), test=doc.get("test"),
                           base=base)
     config.num_r = _integer(doc.get("num_r", config.num_r), "num_r", 1)
+    _check_slots(config.num_r, len(sources))
     for key, attr in (("input_layer_model", "input_model"), ("output_layer_model", "output_model")):
         value = doc.get(key, 0)
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < len(sources):
@@ -195,6 +207,7 @@ def load_search(path: str | os.PathLike) -> SearchConfig:
     if len(set(depths)) > 1:
         raise RecipeError(f"models: the search's layout needs one depth for all models, got {depths} layers")
     config.layers = depths[0]
+    _check_slots(config.num_r, len(config.sources), config.layers)
     every = Recipe(config.sources, [Hop(m, layer) for m in range(len(configs)) for layer in range(config.layers)],
                    input_model=config.input_model, output_model=config.output_model)
     compact_plan(every, configs, config.dtype)
@@ -206,7 +219,7 @@ def read_search(path: str | os.PathLike) -> SearchConfig:
     """A search file parsed and checked, its sources not opened (``dfsmerge eval --search`` needs no more)."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_bytes()  # load_yaml decodes it: a file that is not UTF-8 is an error at its line
     except OSError as exc:
         raise RecipeError(f"cannot read search file {path}: {exc.strerror}") from None
     return parse_search(load_yaml(text, str(path)), path.resolve().parent)

@@ -12,6 +12,7 @@ glibc's malloc serves blocks below its dynamic mmap threshold, up to 32 MiB, fro
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import errno
 import fcntl
@@ -26,7 +27,7 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -119,22 +120,40 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where the process was, so that it cleans up as after Ctrl-C."""
 
 
+_AGAIN_S = 0.05  # after this delay, an interrupt a finalizer dropped is signalled again
+
+
 @contextlib.contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
-    """Within the block, SIGTERM raises :class:`Terminated` (when this is the main thread and SIGTERM has its
-    default action; otherwise nothing changes)."""
+    """Within the block, SIGTERM raises :class:`Terminated`, and an interrupt (Ctrl-C or SIGTERM) that lands in
+    a finalizer (a ``__del__`` or weakref callback run by the garbage collector, where Python prints "Exception
+    ignored in ..." and drops it: the run would go on) is raised again in the main code. Only when this is the
+    main thread and SIGTERM has its default action; otherwise nothing changes."""
     def handler(signum: int, frame: object) -> None:
         raise Terminated(f"terminated by signal {signum}")
+
+    def unraisable(info: Any) -> None:
+        if isinstance(info.exc_value, KeyboardInterrupt):  # signalled again from a thread, after the finalizer
+            signum = signal.SIGTERM if isinstance(info.exc_value, Terminated) else signal.SIGINT
+            again.append(threading.Timer(_AGAIN_S, _thread.interrupt_main, (signum,)))
+            again[-1].start()
+        else:
+            hook(info)
 
     if threading.current_thread() is not threading.main_thread() or \
             signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
         yield
         return
+    again: list[threading.Timer] = []
+    hook, sys.unraisablehook = sys.unraisablehook, unraisable
     signal.signal(signal.SIGTERM, handler)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        sys.unraisablehook = hook
+        for timer in again:  # the block is left: nothing to interrupt any more
+            timer.cancel()
 
 
 @contextlib.contextmanager

@@ -590,9 +590,13 @@ def test_a_changed_search_cannot_resume_but_a_longer_one_can(tmp_path, pair):
         evolve(load_search(tmp_path / "search.yml"), tmp_path / "run", quiet=True)
     _search_file(tmp_path, pair, population=4, generations=1)
     _write_texts(tmp_path / "data.jsonl", TEXTS[::-1])
-    with pytest.raises(RecipeError, match=r"different search \(evaluator data contents\)"):
+    with pytest.raises(RecipeError, match=r"different search \(evaluator data contents.data.jsonl\)"):
         evolve(load_search(tmp_path / "search.yml"), tmp_path / "run", quiet=True)
     _write_texts(tmp_path / "data.jsonl", TEXTS)
+    _search_file(tmp_path, pair, {"type": "loglik", "data": "data.jsonl", "validation": 0.5}, population=4,
+                 generations=1)  # a changed evaluator setting is named
+    with pytest.raises(RecipeError, match=r"different search \(evaluator.validation: 0.25 -> 0.5\)"):
+        evolve(load_search(tmp_path / "search.yml"), tmp_path / "run", quiet=True)
     _search_file(tmp_path, pair, population=4, generations=2)  # a longer budget resumes
     assert evolve(load_search(tmp_path / "search.yml"), tmp_path / "run", quiet=True).done == 10
 
