@@ -122,12 +122,13 @@ def _scales(value: Any) -> tuple[float, float] | None:
                       f"{value!r}")
 
 
-def _check_slots(num_r: int, models: int, layers: int = 1) -> None:
+def _check_slots(num_r: int, models: int, layers: int | None = None) -> None:
     """The slots ``num_r x models x layers`` must fit in a legacy recipe (every candidate is written as one, and
-    its ``layer_mask`` has an entry per slot): at most ``recipe.MAX_VALUES``, the loader's bound on a file."""
-    if num_r * models * layers > MAX_VALUES:
-        raise RecipeError(f"num_r: expected num_r x {models} models x {layers} layers <= {MAX_VALUES:,} slots (a "
-                          f"legacy recipe's layer_mask holds one entry per slot), got num_r {num_r}")
+    its ``layer_mask`` has an entry per slot): at most ``recipe.MAX_VALUES``, the loader's bound on a file.
+    ``layers`` None: not known yet (the sources' configs are not read), at least one."""
+    if num_r * models * (layers or 1) > MAX_VALUES:
+        raise RecipeError(f"num_r: expected num_r x {models} models x {layers or 'their'} layers <= {MAX_VALUES:,} "
+                          f"slots (a legacy recipe's layer_mask holds one entry per slot), got num_r {num_r}")
 
 
 def parse_search(doc: dict, base: Path = Path(".")) -> SearchConfig:

@@ -109,12 +109,14 @@ def _merge(work: Path, recipe: Path, *options: str) -> list[str]:
     return [str(a) for a in ("merge", recipe, work / "out", "--quiet", *options)]
 
 
-def _search(work: Path, src: list[Path], data: str = '{"text": "the cat"}\n', evaluator: str = "loglik") -> Path:
+def _search(work: Path, src: list[Path], data: str = '{"text": "the cat"}\n', evaluator: str = "loglik",
+            num_r: int = 1, extra: str = "") -> Path:
+    """A search file over the first two sources; ``extra``: more lines of its ``search:`` section."""
     (work / "d.jsonl").write_bytes(data.encode() if isinstance(data, str) else data)
     path = work / "s.yml"
-    path.write_text(f"models: {json.dumps([str(s) for s in src[:2]])}\nnum_r: 1\n"
+    path.write_text(f"models: {json.dumps([str(s) for s in src[:2]])}\nnum_r: {num_r}\n"
                     f"evaluator: {{type: {evaluator}, data: d.jsonl, validation: 0}}\n"
-                    "search: {population: 4, generations: 1}\n")
+                    f"search:\n  population: 4\n  generations: 1\n{extra}")
     return path
 
 
@@ -179,6 +181,21 @@ CASES = [
         w / "r.yml", "!!python/object/apply:collections.OrderedDict {args: 7, state: 1}\n")), "OrderedDict"),
     Case("python-tag", "recipe", lambda w, s: _merge(w, _text(
         w / "r.yml", "models: !!python/object/apply:os.system [echo]\nhops: []\n")), "refusing Python tag"),
+    # found by the hostile pass
+    Case("custom-tag", "recipe", lambda w, s: _merge(w, _text(w / "r.yml", "models: !custom [a]\nhops: []\n")),
+         "r.yml:1:9: unknown tag !custom:"),
+    Case("long-custom-tag", "recipe", lambda w, s: _merge(w, _text(
+        w / "r.yml", f"models: !{'tagname' * 40} [a]\nhops: []\n")), f"unknown tag !{'tagname' * 40}:"),
+    Case("search-not-utf8", "recipe", lambda w, s: ["evolve", _bytes(w / "s.yml", b"models: [a\xff]\n"), "--out",
+                                                    w / "run", "--quiet"], "s.yml:1: not UTF-8"),
+    Case("eval-search-not-utf8", "recipe", lambda w, s: ["eval", s[0], "--search", _bytes(
+        w / "s.yml", b"num_r: 1\nmodels: [a\xff]\n")], "s.yml:2: not UTF-8"),
+    Case("search-scales-inf", "recipe", lambda w, s: ["evolve", _search(w, s, extra="  scales: [0.0, .inf]\n"),
+                                                      "--out", w / "run", "--quiet"],
+         "search.scales: expected [low, high], finite numbers"),
+    Case("search-scales-nan", "recipe", lambda w, s: ["evolve", _search(w, s, extra="  scales: [.nan, 1]\n"),
+                                                      "--out", w / "run", "--quiet"], "search.scales"),
+    # (end of the hostile pass's block)
     Case("duplicate-key", "recipe", lambda w, s: _merge(w, _text(
         w / "r.yml", f"models: [{s[0]}]\nhops: [{{layer: 0}}]\nhops: [{{layer: 1}}]\n")), "duplicate key 'hops'"),
     Case("misspelt-legacy-key", "recipe", lambda w, s: _merge(w, _text(
@@ -229,6 +246,13 @@ CASES = [
         w / "r.yml", "".join(" " * i + f"k{i}:\n" for i in range(2000)))), "nested deeper than", timed=True),
     Case("recursive-alias", "resource", lambda w, s: _merge(w, _text(w / "r.yml", "models: &m [a, *m]\nhops: []\n")),
          "an alias refers to the collection that holds it", timed=True),
+    # found by the hostile pass
+    Case("search-num-r-huge", "resource", lambda w, s: ["evolve", _search(w, s, num_r=1_000_000_000), "--out",
+                                                        w / "run", "--quiet"],
+         "num_r: expected num_r x 2 models x their layers <= 20,000,000 slots", timed=True),
+    Case("search-slots-beyond-a-recipe", "resource", lambda w, s: ["evolve", _search(w, s, num_r=5_000_000), "--out",
+                                                                   w / "run", "--quiet"],
+         "num_r: expected num_r x 2 models x 4 layers <= 20,000,000 slots", timed=True),
     Case("400-digit-integer", "resource", lambda w, s: _merge(w, _text(
         w / "r.yml", f"model_paths: [[{s[0]}, null]]\nnum_r: {'9' * 400}\nlayer_mask: [[[true]]]\n")),
          "r.yml:2:8: a number of 400 characters", timed=True),
@@ -303,6 +327,30 @@ CASES = [
          "device: 'cuda' is not on this machine"),
     Case("eval-device-bogus", "options", lambda w, s: ["eval", s[0], "--data", _text(w / "d.jsonl", '{"text": "a"}\n'),
                                                        "--device", "gpu0"], "device: expected cpu"),
+    # found by the hostile pass
+    Case("dtype-choice", "options", lambda w, s: _merge(w, _native(w, s[:2]), "--dtype", "int8"),
+         "error: --dtype: expected one of bfloat16, float16, float32, got 'int8'"),
+    Case("format-choice", "options", lambda w, s: _merge(w, _native(w, s[:2]), "--format", "huge"),
+         "error: --format: expected one of flat, compact, got 'huge'"),
+    Case("flatten-dtype-choice", "options", lambda w, s: ["flatten", s[0], w / "out", "--dtype", "fp8"],
+         "error: --dtype: expected one of bfloat16, float16, float32, got 'fp8'"),
+    Case("shard-size-negative", "options", lambda w, s: _merge(w, _native(w, s[:2]), "--max-shard-size", "-5GB"),
+         "error: --max-shard-size: expected a value (one that starts with '-' is written --max-shard-size=VALUE)"),
+    Case("shard-size-negative-attached", "options", lambda w, s: _merge(w, _native(w, s[:2]), "--max-shard-size=-5GB"),
+         "max_shard_size: expected a size like 5GB"),
+    Case("option-missing", "options", lambda w, s: ["evolve", _search(w, s)], "error: --out: missing"),
+    Case("option-unknown", "options", lambda w, s: _merge(w, _native(w, s[:2]), "--shard", "1GB"),
+         "error: --shard 1GB: unknown argument"),
+    Case("option-not-integer", "options", lambda w, s: ["eval", s[0], "--batch-size", "x"],
+         "error: --batch-size: expected an integer, got 'x'"),
+    Case("eval-batch-size-zero", "options", lambda w, s: ["eval", s[0], "--data", _text(
+        w / "d.jsonl", '{"text": "the cat"}\n'), "--batch-size", "0"], "batch_size: expected an integer >= 1, got 0"),
+    Case("eval-tokenizer-garbage", "options", lambda w, s: ["eval", _bytes(
+        _copy(s[0], w) / "tokenizer.json", b"garbage").parent, "--data", _text(w / "d.jsonl", '{"text": "the cat"}\n')],
+         "bad: cannot load the tokenizer (tokenizer.json, tokenizer_config.json): JSONDecodeError"),
+    Case("eval-tokenizer-missing", "options", lambda w, s: ["eval", _gone(_copy(s[0], w) / "tokenizer.json"), "--data",
+                                                            _text(w / "d.jsonl", '{"text": "the cat"}\n')],
+         "bad: cannot load the tokenizer (tokenizer_config.json)"),
     Case("storage-driver-missing", "options", lambda w, s: ["evolve", _search(w, s), "--out", w / "run", "--quiet",
                                                             "--storage", "mysql://u@localhost/db"],
          "its database driver MySQLdb is not installed"),
@@ -323,6 +371,27 @@ CASES = [
         w / "d.jsonl", "[" * 100_000 + "\n")], "d.jsonl:1", timed=True),
     Case("search-data-wrong-type", "evaluator data", lambda w, s: [
         "evolve", _search(w, s, '{"text": ["a"]}\n'), "--out", w / "run", "--quiet"], "d.jsonl:1: text: expected str"),
+    # found by the hostile pass
+    Case("data-text-empty", "evaluator data", lambda w, s: ["eval", s[0], "--data", _text(
+        w / "d.jsonl", '{"text": "the cat"}\n{"text": ""}\n')],
+         "d.jsonl:2: text: expected text that is not empty or white space, got ''"),
+    Case("data-text-blank", "evaluator data", lambda w, s: ["eval", s[0], "--data", _text(
+        w / "d.jsonl", '{"text": "   "}\n')], "d.jsonl:1: text: expected text that is not empty or white space"),
+    Case("data-text-one-token", "evaluator data", lambda w, s: ["eval", s[0], "--data", _text(
+        w / "d.jsonl", '{"text": "the cat"}\n{"text": "cat"}\n')],
+         "d.jsonl:2: text: expected text with at least 2 tokens, got 'cat' (1)"),
+    Case("data-prompt-empty", "evaluator data", lambda w, s: ["eval", s[0], "--evaluator", "generate", "--data", _text(
+        w / "d.jsonl", '{"prompt": "", "answer": "1"}\n')], "d.jsonl:1: prompt: expected text that is not empty"),
+    Case("data-choices-empty", "evaluator data", lambda w, s: ["eval", s[0], "--evaluator", "choice", "--data", _text(
+        w / "d.jsonl", '{"prompt": "a", "choices": ["", ""], "answer": 0}\n')],
+         "d.jsonl:1: choices: expected texts that are not empty or white space"),
+    Case("data-choice-no-token", "evaluator data", lambda w, s: ["eval", s[0], "--evaluator", "choice", "--data", _text(
+        w / "d.jsonl", '{"prompt": "", "choices": ["cat", "dog"], "answer": 0}\n')],
+         "d.jsonl:1: prompt: expected text with at least 1 token, got '' (0)"),
+    Case("search-data-blank", "evaluator data", lambda w, s: [
+        "evolve", _search(w, s, '{"text": "the cat"}\n{"text": " "}\n'), "--out", w / "run", "--quiet"],
+         "d.jsonl:2: text: expected text that is not empty"),
+    # (end of the hostile pass's block)
     # --- the output path
     Case("force-onto-a-source", "output path", lambda w, s: ["merge", _native(w, s[:2]), s[1], "--force", "--quiet"],
          "is the source"),
@@ -405,6 +474,11 @@ def _link(path: Path, to: Path) -> Path:
     return path
 
 
+def _gone(file: Path) -> Path:
+    file.unlink()
+    return file.parent
+
+
 def _cut(file: Path) -> Path:
     file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
     return file.parent
@@ -435,6 +509,19 @@ def test_bad_input_gives_one_error_line_and_changes_nothing(case, llama_sources,
     assert _snapshot(*roots) == before
     if case.timed:
         assert elapsed < RESOURCE_SECONDS, f"{case.name} took {elapsed:.2f} s"
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["merge", "r.yml", "out", "--dtype", "int8"], "error: --dtype: expected one of bfloat16, float16, float32, got "
+                                                   "'int8'"),
+    (["merge", "r.yml"], "error: output: missing (see `dfsmerge merge --help`)"),
+    (["frob"], "error: command: expected one of merge, flatten, plan, evolve, eval, got 'frob'"),
+    (["evolve", "s.yml", "--out", "run", "--x"], "error: --x: unknown argument (see `dfsmerge --help`)"),
+])
+def test_argument_errors_are_one_line_without_usage(argv, line, capsys):
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert (captured.out, captured.err) == ("", line + "\n")
 
 
 def test_error_messages_cut_long_values(llama_sources, tmp_path, capsys):
@@ -583,6 +670,17 @@ def test_sigterm_mid_merge_cleans_up_like_ctrl_c(llama_sources, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["logs", "r.yml"]
 
 
+def test_ctrl_c_mid_merge_cleans_up_and_exits_130(llama_sources, tmp_path):
+    recipe = _native(tmp_path, llama_sources[:2])
+    logs = _dir(tmp_path / "logs")
+    merge = _Merge(["merge", recipe, tmp_path / "out", "--quiet"], logs)
+    _wait_for_temp_folder(tmp_path, merge)
+    os.kill(merge.process.pid, signal.SIGINT)
+    code, err = merge.wait()
+    assert code == 130 and "Traceback" not in err and err.strip().splitlines()[-1] == "interrupted", err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["logs", "r.yml"]
+
+
 def test_temp_folder_left_by_sigkill_is_removed_by_the_next_run(llama_sources, tmp_path, caplog):
     recipe = _native(tmp_path, llama_sources[:2])
     logs = _dir(tmp_path / "logs")
@@ -642,3 +740,37 @@ def test_dtype_spellings_are_one_dtype(llama_sources, tmp_path):
     doc = {"models": [str(p) for p in llama_sources[:2]], "dtype": "torch.float32",
            "evaluator": {"type": "loglik", "data": "d.jsonl"}}
     assert parse_search(doc, tmp_path).dtype == "float32"
+
+
+# ---------------------------------------------------------------------------------------------------- found late
+
+
+def test_search_data_with_nothing_to_score_stops_the_search(llama_sources, tmp_path, capsys):
+    """An example too short to score once tokenized is found when the worker loads the tokenizers, before any
+    trial: one line, not a search whose every trial fails (or scores a perfect 0)."""
+    search = _search(tmp_path, llama_sources, '{"text": "the cat"}\n{"text": "cat"}\n')
+    code, err, _ = _run(["evolve", search, "--out", tmp_path / "run", "--quiet"], capsys)
+    _assert_one_error(code, err, "d.jsonl:2: text: expected text with at least 2 tokens, got 'cat' (1)")
+    assert code == 2 and not (tmp_path / "run" / "trials.csv").exists()
+
+
+class _Finalized:
+    def __init__(self, interrupt: KeyboardInterrupt):
+        self.interrupt = interrupt
+
+    def __del__(self):
+        raise self.interrupt  # as a Ctrl-C that arrives while the garbage collector runs a finalizer
+
+
+@pytest.mark.parametrize("interrupt", [KeyboardInterrupt(), "terminated"])
+def test_interrupt_dropped_by_a_finalizer_is_raised_again(interrupt):
+    """Python prints an exception raised in a finalizer ("Exception ignored in") and goes on; a Ctrl-C there would
+    be lost (and a later SIGTERM end the run with 143 instead of 130)."""
+    from dfsmerge.writer import Terminated, sigterm_as_interrupt
+
+    interrupt = Terminated("terminated by signal 15") if interrupt == "terminated" else interrupt
+    with pytest.raises(type(interrupt)):
+        with sigterm_as_interrupt():
+            _Finalized(interrupt)  # dropped at once
+            for _ in range(200):
+                time.sleep(0.005)
