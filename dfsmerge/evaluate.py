@@ -44,8 +44,8 @@ from .plan import DTYPES, check_device, dtype_name
 from .recipe import RecipeError, brief
 
 __all__ = ["Evaluator", "Chunk", "Loglik", "Choice", "Generate", "LmEval", "PythonEvaluator", "Objective",
-           "WeightedEvaluator", "Text", "load_jsonl", "read_jsonl", "split_examples", "make_evaluators", "make_objective",
-           "speed_defaults", "perplexity", "load_model"]
+           "WeightedEvaluator", "Text", "load_jsonl", "read_jsonl", "split_examples", "make_evaluators",
+           "make_objective", "speed_defaults", "perplexity", "load_model"]
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # input ids, attention mask, per-row index
 
@@ -103,7 +103,8 @@ def read_jsonl(path: str | Path, max_examples: int | None = None,
             raise RecipeError(f"{path}:{number}: expected keys {list(kinds)}, missing {missing}")
         for key, kind in kinds.items():
             if not _fits(example[key], kind):
-                raise RecipeError(f"{path}:{number}: {key}: expected {_type_name(kind, example[key])}, got {brief(example[key])}")
+                raise RecipeError(f"{path}:{number}: {key}: expected {_type_name(kind, example[key])}, got "
+                                  f"{brief(example[key])}")
         examples.append((f"{path}:{number}", example))
     if not examples:
         raise RecipeError(f"{where}.data: {path} holds no examples")
