@@ -253,6 +253,7 @@ CASES = [
     Case("search-slots-beyond-a-recipe", "resource", lambda w, s: ["evolve", _search(w, s, num_r=5_000_000), "--out",
                                                                    w / "run", "--quiet"],
          "num_r: expected num_r x 2 models x 4 layers <= 20,000,000 slots", timed=True),
+    # (end of the hostile pass's block)
     Case("400-digit-integer", "resource", lambda w, s: _merge(w, _text(
         w / "r.yml", f"model_paths: [[{s[0]}, null]]\nnum_r: {'9' * 400}\nlayer_mask: [[[true]]]\n")),
          "r.yml:2:8: a number of 400 characters", timed=True),
@@ -351,6 +352,7 @@ CASES = [
     Case("eval-tokenizer-missing", "options", lambda w, s: ["eval", _gone(_copy(s[0], w) / "tokenizer.json"), "--data",
                                                             _text(w / "d.jsonl", '{"text": "the cat"}\n')],
          "bad: cannot load the tokenizer (tokenizer_config.json)"),
+    # (end of the hostile pass's block)
     Case("storage-driver-missing", "options", lambda w, s: ["evolve", _search(w, s), "--out", w / "run", "--quiet",
                                                             "--storage", "mysql://u@localhost/db"],
          "its database driver MySQLdb is not installed"),
@@ -391,6 +393,9 @@ CASES = [
     Case("search-data-blank", "evaluator data", lambda w, s: [
         "evolve", _search(w, s, '{"text": "the cat"}\n{"text": " "}\n'), "--out", w / "run", "--quiet"],
          "d.jsonl:2: text: expected text that is not empty"),
+    Case("search-data-one-token", "evaluator data", lambda w, s: [  # found with the tokenizers, before any trial
+        "evolve", _search(w, s, '{"text": "the cat"}\n{"text": "cat"}\n'), "--out", w / "run", "--quiet"],
+         "d.jsonl:2: text: expected text with at least 2 tokens, got 'cat' (1)"),
     # (end of the hostile pass's block)
     # --- the output path
     Case("force-onto-a-source", "output path", lambda w, s: ["merge", _native(w, s[:2]), s[1], "--force", "--quiet"],
@@ -742,16 +747,7 @@ def test_dtype_spellings_are_one_dtype(llama_sources, tmp_path):
     assert parse_search(doc, tmp_path).dtype == "float32"
 
 
-# ---------------------------------------------------------------------------------------------------- found late
-
-
-def test_search_data_with_nothing_to_score_stops_the_search(llama_sources, tmp_path, capsys):
-    """An example too short to score once tokenized is found when the worker loads the tokenizers, before any
-    trial: one line, not a search whose every trial fails (or scores a perfect 0)."""
-    search = _search(tmp_path, llama_sources, '{"text": "the cat"}\n{"text": "cat"}\n')
-    code, err, _ = _run(["evolve", search, "--out", tmp_path / "run", "--quiet"], capsys)
-    _assert_one_error(code, err, "d.jsonl:2: text: expected text with at least 2 tokens, got 'cat' (1)")
-    assert code == 2 and not (tmp_path / "run" / "trials.csv").exists()
+# ---------------------------------------------------------------------------------------------------- interrupts
 
 
 class _Finalized:
