@@ -601,6 +601,17 @@ def test_a_changed_search_cannot_resume_but_a_longer_one_can(tmp_path, pair):
     assert evolve(load_search(tmp_path / "search.yml"), tmp_path / "run", quiet=True).done == 10
 
 
+def test_the_time_line_of_a_worker_that_ran_no_trial():
+    """A finished run resumed (or one whose trials other workers took) runs none: no per-trial figure, no nan."""
+    from dfsmerge.evolve import Timing
+
+    idle = Timing(loading=1.3, waiting=2.0)
+    assert idle.line() == "time: no trial ran in this worker; sources loaded in 1.3 s, waited 2.0 s for other workers"
+    busy = Timing(trials=4, loop=10.0, evaluation=5.0, sampling=2.5, assembly=1.0)
+    assert busy.line() == ("time: 4 trials in 10.0 s (2.50 s per trial): evaluation 50.0%, sampling 25.0%, "
+                           "assembly 10.0%, other 15.0%; sources loaded in 0.0 s")
+
+
 def test_failing_candidates_are_recorded_and_a_broken_setup_stops(tmp_path, pair):
     (tmp_path / "flaky.py").write_text(
         "from dfsmerge.evaluate import Loglik\ncalls = 0\n\ndef score(model, tokenizer, examples):\n"
