@@ -117,7 +117,8 @@ SEARCH_EXAMPLE = """example search.yml:
 The scale S_k multiplies what flows into hop k (the previous hop's MLP output; the embeddings for hop 0).
 Every parameter is sampled without bounds and mirrored into its range, so CMA-ES never redraws a sample.
 The run folder gets trials.csv, best_recipe.yml, best_recipe_native.yml, progress.png and best_recipe.png,
-rewritten after every trial. Rerun the same command to resume; only search.generations may change.
+rewritten after every trial. Rerun the same command to resume; generations may grow (and seed, heartbeat, prune, device and speed
+settings may change), the rest of the search may not.
 """
 
 

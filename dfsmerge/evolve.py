@@ -344,7 +344,7 @@ def open_study(config: SearchConfig, space: SearchSpace, storage: str | Any, stu
         changes = _changes(stored, now)
         if changes:
             raise RecipeError(f"study {study_name!r} in {rdb.url} was made by a different search "
-                              f"({'; '.join(changes)}); only search.generations may change when resuming: "
+                              f"({'; '.join(changes)}); search.generations may grow when resuming (the seed and speed settings may change): "
                               "use another --out or --study") from None
         return study
     for m in range(len(config.sources)) if config.baselines else ():
