@@ -16,9 +16,9 @@ leaves its trial RUNNING; after ``heartbeat`` seconds without its heartbeat any 
 marks it failed and enqueues it again, once.
 
 The objective is the weighted sum of one or more evaluators' scores (``evaluate.Objective``). Every candidate is
-scored chunk by chunk; each example's share of the objective is reported to Optuna's ``WilcoxonPruner`` (step: the
-example's index; the values are scaled so that their mean is the objective), and a candidate clearly worse than the
-best so far on the examples scored (one-sided Wilcoxon signed-rank test, ``p < prune``) is stopped there. A
+scored chunk by chunk; with ``prune`` (off by default), each example's share of the objective is reported to
+Optuna's ``WilcoxonPruner`` (step: the example's index; the values are scaled so that their mean is the
+objective), and a candidate clearly worse than the best so far on the examples scored (one-sided Wilcoxon signed-rank test, ``p < prune``) is stopped there. A
 *pruned* trial returns the mean of what it reported, an estimate of its objective, as the pruner's documentation
 advises: CMA-ES ranks it in its generation (a raised ``TrialPruned`` gives CMA-ES no value, and a generation in
 which most candidates are pruned never completes). It is marked ``pruned``, counts in the budget and is never the

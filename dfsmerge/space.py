@@ -45,6 +45,7 @@ _TOP_KEYS = ("models", "num_r", "input_layer_model", "output_layer_model", "sear
 _SEARCH_KEYS = ("population", "generations", "seed", "sampler", "sigma0", "scales", "scale_by", "keep_ends",
                 "init", "max_hops", "baselines", "heartbeat", "prune")
 SAMPLERS = ("cmaes", "sep-cmaes", "random")
+PRUNE_P = 0.1  # the Wilcoxon pruner's p-value threshold of `prune: true` (off by default: bench_pruning.py)
 MAX_SLOTS = 100_000  # a search's bound on num_r x models x layers (_check_slots)
 PERIODS = 25  # each parameter's box spans this many mirror periods beyond each end of its range
 
@@ -75,7 +76,7 @@ class SearchConfig:
     max_hops: int | None = None
     baselines: bool = True
     heartbeat: int = 30  # seconds of silence after which a worker's running trial counts as lost
-    prune: float | None = 0.1  # p-value threshold of the Wilcoxon pruner; None: every candidate scored in full
+    prune: float | None = None  # p-value threshold of the Wilcoxon pruner; None (the default): all scored in full
     dtype: str = "float32"  # parse_search: by the device (evaluate.speed_defaults)
     device: str = "cpu"
     cache_dir: str | None = None
@@ -174,9 +175,9 @@ def parse_search(doc: dict, base: Path = Path(".")) -> SearchConfig:
     if search.get("sampler") is not None:
         config.sampler = _choice(search["sampler"], "search.sampler", SAMPLERS)
     config.scales = _scales(search.get("scales", list(config.scales)))
-    prune = search.get("prune", True)
+    prune = search.get("prune", False)
     if prune is True or prune is False:
-        config.prune = config.prune if prune else None
+        config.prune = PRUNE_P if prune else None
     elif isinstance(prune, float) and 0 < prune < 1:
         config.prune = prune
     else:

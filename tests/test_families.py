@@ -201,12 +201,18 @@ def test_search(family, pair, tmp_path):
     from dfsmerge.space import load_search
     from dfsmerge.recipe import load_recipe
 
-    (tmp_path / "data.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in
-                                                 ["the cat is on the tree", "a dog and a bird", "one fish two fish",
-                                                  "the sun and the moon"]))
+    # the tiny word-level tokenizer is not a Qwen tokenizer (transformers 5 loads Qwen2Tokenizer for these folders,
+    # which reads every text as one unknown token), so the candidates are scored on token ids directly
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps({"ids": ids}) + "\n" for ids in INPUT_IDS.tolist()))
+    (tmp_path / "on_ids.py").write_text(
+        "import torch\n"
+        "def score(model, tokenizer, examples):\n"
+        "    ids = torch.tensor([e['ids'] for e in examples])\n"
+        "    logits = model(input_ids=ids).logits[:, :-1].float()\n"
+        "    return -torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).item()\n")
     doc = {"models": [str(p) for p in pair], "num_r": 1, "dtype": "float32",
            "search": {"population": 4, "generations": 1, "seed": 0},
-           "evaluator": {"type": "loglik", "data": "data.jsonl", "validation": 0}}
+           "evaluator": {"python": "on_ids:score", "data": "data.jsonl", "validation": 0}}
     (tmp_path / "search.yml").write_text(yaml.safe_dump(doc))
     result = evolve(load_search(tmp_path / "search.yml"), tmp_path / "run", quiet=True)
     assert result.done == 2 + 4  # the two sources' baselines, then 4 searched trials
