@@ -365,6 +365,9 @@ class Choice(Evaluator):
         rows_of: list[list[int]] = []  # example -> its rows, one per choice
         for i, example in enumerate(self.examples):
             choices, answer = example["choices"], example["answer"]
+            if len(choices) < 2:
+                raise RecipeError(f"{self.origin(i, 'choices')}: expected at least 2 choices (one is always right), "
+                                  f"got {len(choices)}")
             index = answer if isinstance(answer, int) and not isinstance(answer, bool) else (
                 choices.index(answer) if answer in choices else -1)
             if not 0 <= index < len(choices):
@@ -708,4 +711,8 @@ def load_model(target: str, dtype: str | torch.dtype = "float32", device: str = 
     else:
         layers = int(read_config(Source(target), cache_dir)["num_hidden_layers"])
         recipe = Recipe([Source(target)], [Hop(0, layer) for layer in range(layers)]).check()
-    return assemble(recipe, dtype=dtype, device=device, cache_dir=cache_dir)
+    model, tokenizer = assemble(recipe, dtype=dtype, device=device, cache_dir=cache_dir)
+    if tokenizer is None:
+        raise RecipeError(f"{target}: its input model {recipe.sources[recipe.input_model]} has no tokenizer files; "
+                          "the evaluators score text with it")
+    return model, tokenizer

@@ -187,6 +187,9 @@ def _storage(url: str, heartbeat: int) -> Any:
     if url.startswith("postgresql://"):  # one driver whatever SQLAlchemy's default: psycopg 3
         url = "postgresql+psycopg://" + url[len("postgresql://"):]
     sqlite = url.startswith("sqlite:///")
+    if url.startswith("sqlite:") and not (sqlite and url[len("sqlite:///"):] not in ("", ":memory:")):
+        raise RecipeError(f"storage {url}: expected sqlite:///FILE (an in-memory database is lost with the process "
+                          "and its heartbeat thread has no connection of its own)")
     engine_kwargs = _sqlite_engine(url) if sqlite else {"pool_pre_ping": True}
     for attempt in range(5):
         try:
@@ -600,6 +603,10 @@ class _Worker:
         candidates use, so its chunks stay prepared): an example with nothing to score is a :class:`RecipeError`
         that stops the search now, not a failure of every trial."""
         c = self.config
+        for i in sorted({c.input_model} | (set(range(len(c.sources))) if c.baselines else set())):
+            if self.sources.tokenizer(c.sources[i]) is None:
+                raise RecipeError(f"models[{i}]: {c.sources[i].path} has no tokenizer files; a search scores text "
+                                  "with the input model's tokenizer and each baseline with its own")
         evaluators = [e for objective in (self.splits.objective, self.splits.test) if objective is not None
                       for p in objective.parts for e in (p.search, p.held_out) if e is not None]
         order = [s for i, s in enumerate(c.sources) if i != c.input_model] + [c.sources[c.input_model]]

@@ -46,6 +46,7 @@ _SEARCH_KEYS = ("population", "generations", "seed", "sampler", "sigma0", "scale
                 "init", "max_hops", "baselines", "heartbeat", "prune")
 SAMPLERS = ("cmaes", "sep-cmaes", "random")
 PRUNE_P = 0.1  # the Wilcoxon pruner's p-value threshold of `prune: true` (off by default: bench_pruning.py)
+MAX_SCALE = 1000.0  # the largest scale a search may draw (CMA-ES's arithmetic overflows on ranges near 1e308)
 MAX_SLOTS = 100_000  # a search's bound on num_r x models x layers (_check_slots)
 PERIODS = 25  # each parameter's box spans this many mirror periods beyond each end of its range
 
@@ -118,9 +119,9 @@ def _scales(value: Any) -> tuple[float, float] | None:
         return None
     if (isinstance(value, list) and len(value) == 2 and all(isinstance(s, (int, float)) and not isinstance(s, bool)
                                                             and math.isfinite(s) for s in value)
-            and 0 <= value[0] < value[1]):
+            and 0 <= value[0] < value[1] <= MAX_SCALE):
         return float(value[0]), float(value[1])
-    raise RecipeError(f"search.scales: expected [low, high], finite numbers with 0 <= low < high, or false, got "
+    raise RecipeError(f"search.scales: expected [low, high] with 0 <= low < high <= {MAX_SCALE:g}, or false, got "
                       f"{value!r}")
 
 

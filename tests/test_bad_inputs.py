@@ -192,7 +192,7 @@ CASES = [
         w / "s.yml", b"num_r: 1\nmodels: [a\xff]\n")], "s.yml:2: not UTF-8"),
     Case("search-scales-inf", "recipe", lambda w, s: ["evolve", _search(w, s, extra="  scales: [0.0, .inf]\n"),
                                                       "--out", w / "run", "--quiet"],
-         "search.scales: expected [low, high], finite numbers"),
+         "search.scales: expected [low, high] with 0 <= low < high <= 1000"),
     Case("search-scales-nan", "recipe", lambda w, s: ["evolve", _search(w, s, extra="  scales: [.nan, 1]\n"),
                                                       "--out", w / "run", "--quiet"], "search.scales"),
     # (end of the hostile pass's block)
@@ -450,6 +450,21 @@ CASES = [
     Case("evolve-widths-differ", "config", lambda w, s: [
         "evolve", _search(w, [s[0], _config(_copy(s[1], w), hidden_size=128)]), "--out", w / "run", "--quiet"],
          "hidden_size"),
+    # found by the second hostile pass
+    Case("evolve-storage-in-memory", "options", lambda w, s: [
+        "evolve", _search(w, s), "--out", w / "run", "--storage", "sqlite://", "--quiet"], "storage sqlite://"),
+    Case("evolve-scales-near-overflow", "options", lambda w, s: [
+        "evolve", _search(w, s, extra="  scales: [0, 1.0e+308]\n"), "--out", w / "run", "--quiet"],
+         "search.scales"),
+    Case("evolve-source-without-tokenizer", "evaluator data", lambda w, s: [
+        "evolve", _search(w, [_untokenized(_copy(s[0], w)), s[1]]), "--out", w / "run", "--quiet"],
+         "models[0]: "),
+    Case("eval-recipe-input-without-tokenizer", "evaluator data", lambda w, s: [
+        "eval", _native(w, [_untokenized(_copy(s[0], w)), s[1]]), "--data", _text(w / "t.jsonl", '{"text": "a b c"}\n')],
+         "has no tokenizer files"),
+    Case("data-choice-single", "evaluator data", lambda w, s: [
+        "eval", s[0], "--evaluator", "choice", "--data",
+        _text(w / "d.jsonl", '{"prompt": "Q?", "choices": ["only"], "answer": 0}\n')], "d.jsonl:1: choices"),
     Case("merge-best-is-the-run-folder", "output path", lambda w, s: [
         "evolve", _search(w, s), "--out", w / "run", "--merge-best", w / "run", "--quiet"],
          "--merge-best: "),
@@ -457,6 +472,12 @@ CASES = [
         "evolve", _search(w, s), "--out", w / "runs" / "a", "--merge-best", w / "runs", "--quiet"],
          "would replace the run folder"),
 ]
+
+
+def _untokenized(folder: Path) -> Path:
+    for f in folder.glob("tokenizer*"):
+        f.unlink()
+    return folder
 
 
 def _text(path: Path, text: str) -> Path:
