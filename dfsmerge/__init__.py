@@ -3,8 +3,8 @@
 recipe (``recipe.py``) -> model knowledge (``families.py``) -> plan, flat and compact (``plan.py``) -> checkpoints
 (``sources.py``, ``gguf.py``) -> output folders (``writer.py``; ``merge.py``, ``flatten.py``) or an in-memory model
 (``assemble.py`` over ``modeling_dfs.py``; the old API in ``legacy.py``) -> evaluation (``evaluate.py``) -> search
-space (``space.py``) -> search (``evolve.py``) -> command line (``cli.py``). Each module imports only the ones before it (``pyproject.toml``'s
-import-linter contract).
+space (``space.py``) -> search (``evolve.py``) -> command line (``cli.py``). Each module imports only the ones
+before it (``pyproject.toml``'s import-linter contract).
 
 Importing the package imports neither torch nor transformers: the public names are imported on first use
 (PEP 562), so ``--help`` imports neither and ``plan`` and ``merge`` of safetensors sources import no

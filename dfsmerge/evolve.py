@@ -17,17 +17,18 @@ marks it failed and enqueues it again, once.
 
 The objective is the weighted sum of one or more evaluators' scores (``evaluate.Objective``). Every candidate is
 scored chunk by chunk; with ``prune`` (off by default), each example's share of the objective is reported to
-Optuna's ``WilcoxonPruner`` (step: the example's index; the values are scaled so that their mean is the
-objective), and a candidate clearly worse than the best so far on the examples scored (one-sided Wilcoxon signed-rank test, ``p < prune``) is stopped there. A
-*pruned* trial returns the mean of what it reported, an estimate of its objective, as the pruner's documentation
-advises: CMA-ES ranks it in its generation (a raised ``TrialPruned`` gives CMA-ES no value, and a generation in
-which most candidates are pruned never completes). It is marked ``pruned``, counts in the budget and is never the
-best. Baselines are scored in full and report too, so that the pruner can compare a candidate with a source.
+Optuna's ``WilcoxonPruner`` (step: the example's index; the values are scaled so that their mean is the objective),
+and a candidate clearly worse than the best so far on the examples scored (one-sided Wilcoxon signed-rank test, ``p
+< prune``) is stopped there. A *pruned* trial returns the mean of what it reported, an estimate of its objective, as
+the pruner's documentation advises: CMA-ES ranks it in its generation (a raised ``TrialPruned`` gives CMA-ES no
+value, and a generation in which most candidates are pruned never completes). It is marked ``pruned``, counts in the
+budget and is never the best. Baselines are scored in full and report too, so that the pruner can compare a
+candidate with a source.
 
-Outputs in the run folder, rewritten after every trial: ``best_recipe.yml`` (legacy format, for ``dfsmerge
-merge``), ``best_recipe_native.yml``, ``trials.csv``, and (at most every 30 s and 1% of the time, and at the end)
-``progress.png`` and ``best_recipe.png``. Three splits: the search split is optimised, the validation split chooses the reported
-best, the test split (``test:``) is only reported, for the best and the baselines.
+Outputs in the run folder, rewritten after every trial: ``best_recipe.yml`` (legacy format, for ``dfsmerge merge``),
+``best_recipe_native.yml``, ``trials.csv``, and (at most every 30 s and 1% of the time, and at the end)
+``progress.png`` and ``best_recipe.png``. Three splits: the search split is optimised, the validation split chooses
+the reported best, the test split (``test:``) is only reported, for the best and the baselines.
 """
 
 from __future__ import annotations
@@ -347,8 +348,8 @@ def open_study(config: SearchConfig, space: SearchSpace, storage: str | Any, stu
         changes = _changes(stored, now)
         if changes:
             raise RecipeError(f"study {study_name!r} in {rdb.url} was made by a different search "
-                              f"({'; '.join(changes)}); search.generations may grow when resuming (the seed and speed settings may change): "
-                              "use another --out or --study") from None
+                              f"({'; '.join(changes)}); search.generations may grow when resuming (the seed "
+                              "and speed settings may change): use another --out or --study") from None
         return study
     for m in range(len(config.sources)) if config.baselines else ():
         study.enqueue_trial({}, user_attrs={"baseline": m})
