@@ -685,25 +685,17 @@ def test_two_merges_into_one_target_one_wins(llama_sources, tmp_path):
     assert _snapshot(llama_sources[0].parent) == before
 
 
-def test_sigterm_mid_merge_cleans_up_like_ctrl_c(llama_sources, tmp_path):
+@pytest.mark.parametrize("signum, code, last", [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")],
+                         ids=["sigterm", "ctrl-c"])
+def test_a_signal_mid_merge_cleans_up(llama_sources, tmp_path, signum, code, last):
+    """SIGTERM cleans up like Ctrl-C; each exits with its shell status (128 + the signal) and one last line."""
     recipe = _native(tmp_path, llama_sources[:2])
     logs = _dir(tmp_path / "logs")
     merge = _Merge(["merge", recipe, tmp_path / "out", "--quiet"], logs)
     _wait_for_temp_folder(tmp_path, merge)
-    os.kill(merge.process.pid, signal.SIGTERM)
-    code, err = merge.wait()
-    assert code == 143 and "Traceback" not in err and err.strip().splitlines()[-1] == "terminated", err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["logs", "r.yml"]
-
-
-def test_ctrl_c_mid_merge_cleans_up_and_exits_130(llama_sources, tmp_path):
-    recipe = _native(tmp_path, llama_sources[:2])
-    logs = _dir(tmp_path / "logs")
-    merge = _Merge(["merge", recipe, tmp_path / "out", "--quiet"], logs)
-    _wait_for_temp_folder(tmp_path, merge)
-    os.kill(merge.process.pid, signal.SIGINT)
-    code, err = merge.wait()
-    assert code == 130 and "Traceback" not in err and err.strip().splitlines()[-1] == "interrupted", err
+    os.kill(merge.process.pid, signum)
+    status, err = merge.wait()
+    assert status == code and "Traceback" not in err and err.strip().splitlines()[-1] == last, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["logs", "r.yml"]
 
 
