@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .families import family_of
-from .plan import DTYPES, check_device, compact_plan, dtype_name, is_classifier
+from .plan import check_device, compact_plan, dtype_name, is_classifier, torch_dtype
 from .recipe import Recipe, RecipeError, Source, Transform, load_recipe
 from .sources import Checkpoint, open_checkpoint, read_config
 
@@ -86,13 +86,13 @@ class Sources:
 
             config = self.config(source)
             family = family_of(config, str(source))
-            checkpoint = open_checkpoint(source, config, self.cache_dir, DTYPES[self.dtype])
+            checkpoint = open_checkpoint(source, config, self.cache_dir, self.dtype)
             cls = getattr(transformers, family.classifier if is_classifier(config) else family.causal_lm)
             tokenizer = None  # before the weights: a broken tokenizer file is found at once
             if {f.name for f in checkpoint.tokenizer_files()} & _TOKENIZER_FILES:
                 tokenizer = load_tokenizer(checkpoint.folder)
             model = model_from_checkpoint(cls, transformers.AutoConfig.for_model(**config), checkpoint,
-                                          DTYPES[self.dtype], self.next_device())
+                                          torch_dtype(self.dtype), self.next_device())
             self._loaded[source] = (model, tokenizer)
         return self._loaded[source]
 
@@ -247,7 +247,7 @@ def assemble(
         if scale or bias:
             with torch.device(devices[k]):
                 transforms[str(k)] = _filled(HopTransform(config.hidden_size, scale, bias), recipe.hops[k].transform)
-    decoder.dfs_transforms = nn.ModuleDict(transforms).to(DTYPES[sources.dtype])
+    decoder.dfs_transforms = nn.ModuleDict(transforms).to(torch_dtype(sources.dtype))
     if plan.classification:
         model.score = share(last.score)
     else:

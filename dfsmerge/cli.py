@@ -44,7 +44,7 @@ def cmd_flatten(args: argparse.Namespace) -> None:
 
 def cmd_plan(args: argparse.Namespace) -> None:
     from .merge import plan_recipe
-    from .plan import DTYPES
+    from .plan import DTYPE_BYTES
     from .recipe import RecipeError
 
     plan = plan_recipe(args.recipe, args.dtype, args.cache_dir)
@@ -58,7 +58,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
           f"({len(recipe.used_layers())} distinct source layers)")
     print(f"parameters: {plan.num_params():,}")
     try:
-        compact = _size(plan.compact_params() * DTYPES[args.dtype].itemsize)
+        compact = _size(plan.compact_params() * DTYPE_BYTES[args.dtype])
     except RecipeError as exc:
         compact = f"not available ({exc})"
     print(f"size on disk ({args.dtype}): flat {_size(plan.nbytes(args.dtype))}, compact {compact}")

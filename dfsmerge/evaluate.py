@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from .families import FAMILIES
 from .lm_eval_bridge import HarnessTasks, harness_model, harness_tasks
-from .plan import DTYPES, check_device, dtype_name
+from .plan import check_device, dtype_name, torch_dtype
 from .recipe import RecipeError, brief
 
 __all__ = ["Evaluator", "Chunk", "Loglik", "Choice", "Generate", "LmEval", "PythonEvaluator", "Objective",
@@ -697,7 +697,7 @@ def load_model(target: str, dtype: str | torch.dtype = "float32", device: str = 
 
         tokenizer = load_tokenizer(path)  # before the weights
         try:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).to(device)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype)).to(device)
         except (OSError, ValueError, KeyError) as exc:  # no weights, a config transformers cannot read, ...
             raise RecipeError(f"{path}: cannot load the model (config.json and its weights): "
                               f"{type(exc).__name__}: {exc}") from None

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import torch
 
 from .families import Family, family_of_type
-from .plan import DTYPES, HOP_TRANSFORM, STORED_LAYER, Plan, dtype_name, is_classifier, make_plan
+from .plan import HOP_TRANSFORM, STORED_LAYER, Plan, dtype_name, is_classifier, make_plan
 from .recipe import Hop, Recipe, RecipeError, Source, Transform
 from .sources import Checkpoint, open_checkpoint, read_config
 from .writer import atomic_folder, card_base_model, check_target, parse_size, write_metadata, write_tensors
@@ -163,7 +163,7 @@ def flatten(
 def save_flat(model: Any, save_directory: str | Path, *, max_shard_size: str | int = "5GB") -> None:
     """``save_pretrained`` of a DFS model in the flat format: weights, ``config.json`` and
     ``generation_config.json`` into ``save_directory`` (created if needed; other files are left alone)."""
-    dtype = {v: k for k, v in DTYPES.items()}[model.dtype]
+    dtype = dtype_name(model.dtype)
     folder = Path(save_directory)
     folder.mkdir(parents=True, exist_ok=True)
     for stale in [*folder.glob("model*.safetensors"), *folder.glob("model.safetensors.index.json")]:

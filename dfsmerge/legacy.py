@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 from .assemble import assemble
 from .merge import merge, plan_recipe
-from .plan import DTYPES, Plan, dtype_name
+from .plan import Plan, dtype_name, torch_dtype
 from .recipe import Recipe, load_recipe, parse_recipe, recipe_from_legacy
 from .writer import check_target
 
@@ -44,7 +44,7 @@ def _load(path: str | Path, dtype: str, device: str) -> tuple[Any, Any]:
     config = AutoConfig.from_pretrained(path)
     is_cls = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
     auto = AutoModelForSequenceClassification if is_cls else AutoModelForCausalLM
-    model = auto.from_pretrained(path, dtype=DTYPES[dtype_name(dtype)]).to(device)
+    model = auto.from_pretrained(path, dtype=torch_dtype(dtype)).to(device)
     return model, AutoTokenizer.from_pretrained(path)
 
 

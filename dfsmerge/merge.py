@@ -6,13 +6,15 @@ import logging
 import shlex
 import sys
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .plan import Plan, check_device, compact_plan, dtype_name, make_plan
 from .recipe import Recipe, RecipeError, load_recipe
 from .sources import Checkpoint, open_checkpoint, read_config
 from .writer import atomic_folder, check_target, parse_size, write_metadata, write_modeling_file, write_tensors
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["merge", "plan_recipe", "open_sources"]
 

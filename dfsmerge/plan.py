@@ -17,36 +17,54 @@ hop table in ``config.json`` and the per-hop transforms as tensors (``model.dfs_
 from __future__ import annotations
 
 import importlib
+import sys
 from dataclasses import dataclass
-from typing import Callable, Iterator
-
-import torch
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from .families import FAMILIES, SHAPE_KEYS, Family, family_of
 from .recipe import IDENTITY, Recipe, RecipeError, Transform, brief
 
-__all__ = ["TensorTask", "Plan", "make_plan", "compact_plan", "is_classifier", "DTYPES", "dtype_name",
-           "effective_config", "check_device", "STORED_LAYER", "HOP_TRANSFORM"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["TensorTask", "Plan", "make_plan", "compact_plan", "is_classifier", "DTYPE_BYTES", "dtype_name",
+           "torch_dtype", "effective_config", "check_device", "STORED_LAYER", "HOP_TRANSFORM"]
 
 STORED_LAYER = "model.dfs_layers.{u}."  # compact layout: stored layer u's tensors
 HOP_TRANSFORM = "model.dfs_transforms.{k}."  # compact layout: hop k's ``scale`` / ``bias``
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}  # the output dtypes, by name, and their item sizes
 _CHUNK_ELEMENTS = 1 << 22  # rows are transformed in chunks of about 16 MB of float32
 
 
 def dtype_name(value: str | torch.dtype) -> str:
-    """The name of an output dtype (a key of :data:`DTYPES`) from any of its spellings: ``"float32"``,
+    """The name of an output dtype (a key of :data:`DTYPE_BYTES`) from any of its spellings: ``"float32"``,
     ``"torch.float32"`` or ``torch.float32``. Raises ``RecipeError`` naming ``dtype`` for anything else."""
-    name = str(value).removeprefix("torch.") if isinstance(value, (str, torch.dtype)) else None
-    if name not in DTYPES:
+    name = str(value).removeprefix("torch.") if isinstance(value, str) or _is_torch_dtype(value) else None
+    if name not in DTYPE_BYTES:
         raise RecipeError(f"dtype: expected bfloat16, float16 or float32 (or torch.float32 etc.), got {value!r:.60}")
     return name
+
+
+def _is_torch_dtype(value: object) -> bool:
+    torch = sys.modules.get("torch")  # not imported: nothing is a torch dtype (as recipe.is_tensor)
+    return torch is not None and isinstance(value, torch.dtype)
+
+
+def torch_dtype(value: str | torch.dtype) -> torch.dtype:
+    """The torch dtype of an output dtype given in any spelling :func:`dtype_name` accepts."""
+    import torch
+
+    return getattr(torch, dtype_name(value))
 
 
 def check_device(device: str | torch.device) -> str:
     """A device the folding math can run on (``cpu``, ``cuda``, ``cuda:N``, ``mps``) and that this machine has;
     checked before any weight is read. Returns it as a string; raises ``RecipeError`` naming ``device``."""
+    if device == "cpu":
+        return device  # every machine has it: no need to import torch to say so
+    import torch
+
     try:
         parsed = torch.device(device)
     except (RuntimeError, TypeError, ValueError):
@@ -100,6 +118,8 @@ class TensorTask:
         A scalar ``S W`` whose source is already in the output ``dtype`` is computed in that dtype: ATen
         multiplies bfloat16/float16 in float32 and rounds once, so the result is bit-identical to the float32
         fold rounded afterwards, at a quarter of the work."""
+        import torch
+
         if self.fold in ("scale", "bias"):
             yield torch.as_tensor(getattr(self.transform, self.fold), dtype=torch.float32).reshape(self.shape)
             return
@@ -148,7 +168,7 @@ class Plan:
         return sum(t.numel for t in self.tasks)
 
     def nbytes(self, dtype: str = "bfloat16") -> int:
-        return self.num_params() * DTYPES[dtype_name(dtype)].itemsize
+        return self.num_params() * DTYPE_BYTES[dtype_name(dtype)]
 
     def compact_params(self) -> int:
         """Parameters of the same recipe in the compact format (each used source layer stored once)."""

@@ -13,15 +13,19 @@ import math
 import os
 import re
 import reprlib
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-import torch
 import yaml
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "RecipeError",
+    "is_tensor",
     "brief",
     "did_you_mean",
     "Source",
@@ -283,10 +287,17 @@ class Source:
         return self.path if self.revision is None else f"{self.path}@{self.revision}"
 
 
+def is_tensor(value: Any) -> bool:
+    """Whether ``value`` is a torch tensor, without importing torch: while torch is not imported nothing is one.
+    A merge that only copies tensors (scalar or no scales) runs without torch, whose import is ~1-2 s."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.Tensor)
+
+
 def _as_tensor(value: Any, field_name: str) -> float | torch.Tensor:
     """A scale or bias as a float or a float32 tensor (vector or square matrix), finite, within float32."""
     expected = f"{field_name}: expected a number, a length-H vector or an H x H matrix"
-    if isinstance(value, torch.Tensor) and value.dtype == torch.bool or _holds_bool(value):
+    if is_tensor(value) and value.dtype == sys.modules["torch"].bool or _holds_bool(value):
         raise RecipeError(f"{expected}, got true/false (a boolean is not a scale)")
     if value is None or isinstance(value, (str, bytes, dict)):
         raise RecipeError(f"{expected}, got {brief(value)}")
@@ -296,8 +307,10 @@ def _as_tensor(value: Any, field_name: str) -> float | torch.Tensor:
         if abs(value) > _FLOAT32_MAX:
             raise RecipeError(f"{field_name}: {brief(value)} is beyond the float32 range")
         return float(value)
+    import torch
+
     try:
-        tensor = (value.detach().to(torch.float32) if isinstance(value, torch.Tensor) else
+        tensor = (value.detach().to(torch.float32) if is_tensor(value) else
                   torch.tensor(value, dtype=torch.float32))
     except (TypeError, ValueError, RuntimeError, OverflowError):  # ragged, strings, None, huge integers
         raise RecipeError(f"{expected}, got {brief(value)}") from None
@@ -310,7 +323,7 @@ def _as_tensor(value: Any, field_name: str) -> float | torch.Tensor:
     return tensor
 
 
-_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+_FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max
 
 
 def _holds_bool(value: Any) -> bool:
@@ -350,7 +363,7 @@ class Transform:
     def width(self) -> int | None:
         """The hidden size this transform is written for, or ``None`` when it fits any."""
         for part in (self.scale, self.bias):
-            if isinstance(part, torch.Tensor):
+            if is_tensor(part):
                 return int(part.shape[0])
         return None
 
@@ -368,6 +381,8 @@ class Transform:
 
     def bias_vector(self, hidden_size: int) -> torch.Tensor:
         """``b`` as a float32 vector of length ``hidden_size``."""
+        import torch
+
         if isinstance(self.bias, float):
             return torch.full((hidden_size,), self.bias, dtype=torch.float32)
         return self.bias.to(torch.float32)
@@ -585,7 +600,7 @@ def _shape(value: Any, depth: int) -> tuple[int, ...] | None:
     """The shape of ``depth`` levels of nested lists, or None when ragged."""
     if depth == 0:
         return ()
-    if isinstance(value, torch.Tensor):
+    if is_tensor(value):
         return tuple(value.shape[:depth]) if value.ndim >= depth else None
     if not isinstance(value, (list, tuple)) or not value:
         return (len(value),) if isinstance(value, (list, tuple)) and depth == 1 else None
@@ -597,7 +612,7 @@ def _shape(value: Any, depth: int) -> tuple[int, ...] | None:
 
 def _mask_flag(flag: Any, where: str) -> bool:
     """A ``layer_mask`` entry: a boolean, or the integers 0 and 1 old files carry."""
-    if isinstance(flag, torch.Tensor) and flag.numel() == 1:
+    if is_tensor(flag) and flag.numel() == 1:
         flag = flag.item()
     if isinstance(flag, bool) or (isinstance(flag, int) and flag in (0, 1)):
         return bool(flag)
@@ -656,7 +671,7 @@ def recipe_from_legacy(
                 scale = 1.0 if scaling_factors is None else _as_tensor(scaling_factors[n][m][layer],
                                                                       "scaling_factors" + where)
                 bias = 0.0 if bias_factors is None else _as_tensor(bias_factors[n][m][layer], "bias_factors" + where)
-                if isinstance(bias, torch.Tensor) and bias.ndim != 1:
+                if is_tensor(bias) and bias.ndim != 1:
                     raise RecipeError(f"bias_factors{where}: expected a scalar or a length-H vector, "
                                       f"got shape {tuple(bias.shape)}")
                 hops.append(Hop(m, layer, Transform(scale, bias), f"layer_mask{where}"))

@@ -10,11 +10,13 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
-import torch
-
+from .plan import torch_dtype
 from .recipe import RecipeError, Source, brief, looks_local
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["Checkpoint", "StoredBytes", "read_config", "check_config", "open_checkpoint", "TOKENIZER_FILES"]
 
@@ -127,12 +129,13 @@ def check_config(config: object, where: str) -> dict:
 class StoredBytes:
     """Where a tensor lies in a file exactly as :meth:`Checkpoint.get` returns it: ``nbytes`` bytes from byte
     ``offset`` of ``path`` (row-major, little-endian, ``dtype``, ``shape``). The writer copies such a range file
-    to file when the output wants the tensor unchanged."""
+    to file when the output wants the tensor unchanged. ``dtype`` is a name (``"bfloat16"``), so that copying
+    needs no torch."""
 
     path: Path
     offset: int
     nbytes: int
-    dtype: torch.dtype
+    dtype: str
     shape: tuple[int, ...]
 
 
@@ -182,16 +185,18 @@ class Checkpoint:
         or moved and lies in a file is read from it in pieces of about 64 MB into the new tensor, so neither a
         second whole copy of it nor the file's pages stay in memory (a mapped view's pages would, until the
         checkpoint is closed)."""
+        import torch
+
         stored = self.stored(name)
         if stored is None:
             tensor = self.get(name)
             return tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None)
-        target = dtype if stored.dtype.is_floating_point else stored.dtype
-        if target == stored.dtype and torch.device(device) == torch.device("cpu"):
+        source_dtype = getattr(torch, stored.dtype)  # StoredBytes are floating point: see _SAFETENSORS_DTYPES
+        if dtype == source_dtype and torch.device(device) == torch.device("cpu"):
             return self.get(name)
-        out = torch.empty(stored.shape, dtype=target, device=device)
-        flat, step = out.view(-1), max(1, _READ_PIECE_BYTES // stored.dtype.itemsize)
-        piece = torch.empty(min(step, flat.numel()), dtype=stored.dtype)
+        out = torch.empty(stored.shape, dtype=dtype, device=device)
+        flat, step = out.view(-1), max(1, _READ_PIECE_BYTES // source_dtype.itemsize)
+        piece = torch.empty(min(step, flat.numel()), dtype=source_dtype)
         with open(stored.path, "rb", buffering=0) as f:
             f.seek(stored.offset)
             for start in range(0, flat.numel(), step):
@@ -206,25 +211,44 @@ class Checkpoint:
         return [self.folder / f for f in TOKENIZER_FILES if (self.folder / f).is_file()]
 
 
-_SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
+_SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
 
 
 def _safetensors_getters(files: list[Path]) -> tuple[dict[str, Callable[[], torch.Tensor]], dict[str, StoredBytes]]:
-    """Getters of zero-copy views, and where each tensor's bytes lie (from each file's header)."""
+    """Getters of zero-copy views, and where each tensor's bytes lie (from each file's header). Each file is
+    checked here by safetensors itself (opened with ``framework="numpy"``, which needs no torch); it is opened
+    for torch when a tensor is first read, so a merge that only copies bytes never imports torch."""
     from safetensors import safe_open
 
     getters: dict[str, Callable[[], torch.Tensor]] = {}
     stored: dict[str, StoredBytes] = {}
     for file in files:
         try:
-            handle = safe_open(str(file), framework="pt")
-            names = list(handle.keys())
+            names = list(safe_open(str(file), framework="numpy").keys())
         except Exception as exc:  # safetensors raises SafetensorError for truncated or corrupt files
             raise RecipeError(f"{file}: cannot open safetensors file: {exc}") from None
+        handle = _TorchHandle(file)
         for name in names:
-            getters[name] = (lambda h=handle, n=name, f=file: _read(h, n, f))
+            getters[name] = (lambda n=name, h=handle: h.get(n))
         stored.update(_safetensors_layout(file))
     return getters, stored
+
+
+class _TorchHandle:
+    """One file's ``safe_open(framework="pt")``, opened on first use; ``get`` gives a zero-copy tensor view."""
+
+    def __init__(self, file: Path):
+        self.file, self._handle = file, None
+
+    def get(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        try:
+            if self._handle is None:
+                self._handle = safe_open(str(self.file), framework="pt")
+            return self._handle.get_tensor(name)
+        except Exception as exc:
+            raise RecipeError(f"{self.file}: cannot read tensor {name!r}: {exc}") from None
 
 
 def _safetensors_layout(file: Path) -> dict[str, StoredBytes]:
@@ -256,14 +280,9 @@ def _read_exactly(f, buffer: memoryview, path: Path) -> None:
         done += n
 
 
-def _read(handle, name: str, file: Path) -> torch.Tensor:
-    try:
-        return handle.get_tensor(name)
-    except Exception as exc:
-        raise RecipeError(f"{file}: cannot read tensor {name!r}: {exc}") from None
-
-
 def _bin_getters(files: list[Path]) -> dict[str, Callable[[], torch.Tensor]]:
+    import torch
+
     getters: dict[str, Callable[[], torch.Tensor]] = {}
     for file in files:
         try:
@@ -309,13 +328,14 @@ def _indexed_files(index: Path) -> list[Path]:
 
 
 def open_checkpoint(source: Source, config: dict, cache_dir: str | None = None,
-                    dtype: torch.dtype = torch.float32) -> Checkpoint:
+                    dtype: str | torch.dtype = "float32") -> Checkpoint:
     """Open a source for reading; hub sources are downloaded (weights, config, tokenizer files only).
-    ``dtype`` only matters for quantized GGUF tensors: the type they are dequantized into."""
+    ``dtype`` (any spelling ``plan.dtype_name`` accepts) only matters for quantized GGUF tensors: the type they
+    are dequantized into."""
     if _is_gguf(source):
         from .gguf import open_gguf
 
-        parts = open_gguf(source, dtype)
+        parts = open_gguf(source, torch_dtype(dtype))
         return Checkpoint(source, parts.tokenizer, config, parts.tensors, parts.note)
     folder = _local(source)
     if folder is None:

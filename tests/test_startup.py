@@ -1,4 +1,5 @@
-"""Start-up (issue 12): the command line, ``plan`` and ``merge`` import no transformers (and ``--help`` no torch),
+"""Start-up (issue 12): the command line, ``plan`` and ``merge`` import no transformers (``--help`` and a merge that
+only copies tensors no torch either),
 while a compact folder still loads with ``AutoModelForCausalLM.from_pretrained`` and no remote code once dfsmerge
 is imported, whichever of dfsmerge and transformers is imported first. Each check runs in a fresh interpreter,
 since this test process has imported both long ago."""
@@ -42,6 +43,31 @@ def test_cli_plan_and_merge_import_no_transformers(llama_sources, tmp_path):
     result = run_python(_CLI, str(recipe), str(tmp_path / "out"), cwd=tmp_path)
     assert "parameters:" in result.stdout and result.stdout.rstrip().endswith("ok")
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+_COPY = """
+import sys
+from dfsmerge.cli import main
+assert main(["merge", sys.argv[1], sys.argv[2], "--quiet"]) == 0
+assert "torch" not in sys.modules, "a merge that copies every tensor imported torch"
+print("ok")
+"""
+
+
+def test_merge_that_only_copies_imports_no_torch(sharded_bf16_llama_source, tmp_path):
+    """bfloat16 shards into a bfloat16 output, no scales: every tensor is a byte copy, torch (~1-2 s) unneeded.
+    The copy is checked against the source's tensors, read with torch in this process."""
+    from safetensors.torch import load_file
+
+    src = sharded_bf16_llama_source
+    recipe = tmp_path / "recipe.yml"
+    recipe.write_text(json.dumps({"models": [str(src)], "hops": [{"model": 0, "layer": 1}, {"model": 0, "layer": 0}]}))
+    assert run_python(_COPY, str(recipe), str(tmp_path / "out"), cwd=tmp_path).stdout.rstrip().endswith("ok")
+    source = {k: v for f in sorted(src.glob("*.safetensors")) for k, v in load_file(f).items()}
+    merged = {k: v for f in sorted((tmp_path / "out").glob("*.safetensors")) for k, v in load_file(f).items()}
+    assert merged["model.layers.0.self_attn.q_proj.weight"].equal(source["model.layers.1.self_attn.q_proj.weight"])
+    assert merged["model.layers.1.mlp.down_proj.weight"].equal(source["model.layers.0.mlp.down_proj.weight"])
+    assert merged["lm_head.weight"].equal(source["lm_head.weight"])
 
 
 def test_help_imports_no_torch(tmp_path):
