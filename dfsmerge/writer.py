@@ -26,6 +26,7 @@ import signal
 import sys
 import tempfile
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
@@ -377,15 +378,19 @@ def _write_computed(f, task: TensorTask, get: Callable[[int, str], torch.Tensor]
                     nonfinite: set[tuple[int, str]], allow_overflow: bool) -> int:
     """Write ``task``'s tensor as computed (folded or converted) chunks, each piece cast to ``dtype`` (see
     :func:`_cast`). A large chunk (a whole copied tensor) is converted a piece at a time, so at most about 16 MB
-    of it is in memory. Returns the bytes written. The only place the writer needs torch."""
+    of it is in memory. A piece is written by a second thread while the next is computed (both release the
+    GIL), so at most two pieces are held. Returns the bytes written. The only place the writer needs torch."""
     import torch
 
-    out_dtype, written = getattr(torch, dtype), 0
-    for chunk in task.chunks(get, device, out_dtype):
-        for piece in chunk.reshape(-1).split(_PIECE_ELEMENTS):
-            data = _cast(piece, out_dtype, task, nonfinite, allow_overflow).view(torch.uint8)
-            written += _write_all(f, memoryview(data.cpu().numpy()))
-    return written
+    out_dtype, written, pending = getattr(torch, dtype), 0, None
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        for chunk in task.chunks(get, device, out_dtype):
+            for piece in chunk.reshape(-1).split(_PIECE_ELEMENTS):
+                data = memoryview(_cast(piece, out_dtype, task, nonfinite, allow_overflow).view(torch.uint8)
+                                  .cpu().numpy())
+                written += pending.result() if pending else 0
+                pending = pool.submit(_write_all, f, data)
+        return written + (pending.result() if pending else 0)
 
 
 _PIECE_ELEMENTS = 1 << 22  # converted pieces of 16 MB of float32
