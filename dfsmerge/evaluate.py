@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import inspect
 import json
 import math
 import random
@@ -496,7 +497,11 @@ class PythonEvaluator(Evaluator):
         return [Chunk([0])]
 
     def score_chunk(self, model: torch.nn.Module, tokenizer: Any, chunk: Chunk) -> torch.Tensor:
-        return torch.tensor([float(self.function(model, tokenizer, self.examples))], dtype=torch.float64)
+        score = self.function(model, tokenizer, self.examples)
+        if isinstance(score, bool) or not isinstance(score, (int, float)):
+            raise RecipeError(f"python: {self.function.__module__}:{self.function.__name__} returned "
+                              f"{brief(score)}; expected a number (higher is better)")
+        return torch.tensor([float(score)], dtype=torch.float64)
 
 
 def _import_function(spec: Any, base: Path, where: str) -> Callable:
@@ -506,13 +511,20 @@ def _import_function(spec: Any, base: Path, where: str) -> Callable:
     sys.path[:0] = [str(base), "."]  # a module beside the search file, or in the working folder
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise RecipeError(f"{where}.python: cannot import {module_name!r}: {exc}") from None
+    except Exception as exc:  # ImportError, or whatever the module raises (SyntaxError, ...) as it runs
+        raise RecipeError(f"{where}.python: cannot import {module_name!r}: {type(exc).__name__}: {exc}") from None
     finally:
         del sys.path[:2]
     function = getattr(module, name, None)
     if not callable(function):
         raise RecipeError(f"{where}.python: {module_name} has no function {name!r}")
+    try:
+        inspect.signature(function).bind(None, None, None)
+    except TypeError:
+        raise RecipeError(f"{where}.python: {spec} must take (model, tokenizer, examples); its signature is "
+                          f"{inspect.signature(function)}") from None
+    except ValueError:  # no signature to inspect (some builtins): it is called as it is
+        pass
     return function
 
 

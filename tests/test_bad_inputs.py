@@ -120,6 +120,14 @@ def _search(work: Path, src: list[Path], data: str = '{"text": "the cat"}\n', ev
     return path
 
 
+def _python_search(work: Path, src: list[Path], module: str, code: str) -> Path:
+    """A search file whose evaluator is ``python: <module>:score``, the module (``code``) beside it."""
+    (work / f"{module}.py").write_text(code)
+    path = _search(work, src)
+    path.write_text(path.read_text().replace("{type: loglik, data: d.jsonl", f"{{python: '{module}:score', data: d.jsonl"))
+    return path
+
+
 def _tiny_gguf(path: Path) -> Path:
     """A two-layer Llama GGUF written with the gguf package (metadata and a few float32 tensors)."""
     gguf = pytest.importorskip("gguf")
@@ -396,6 +404,15 @@ CASES = [
     Case("search-data-one-token", "evaluator data", lambda w, s: [  # found with the tokenizers, before any trial
         "evolve", _search(w, s, '{"text": "the cat"}\n{"text": "cat"}\n'), "--out", w / "run", "--quiet"],
          "d.jsonl:2: text: expected text with at least 2 tokens, got 'cat' (1)"),
+    Case("python-evaluator-signature", "evaluator data", lambda w, s: [
+        "evolve", _python_search(w, s, "ev_sig", "def score(model):\n    return 1.0\n"), "--out", w / "run",
+        "--quiet"], "evaluator.python: ev_sig:score must take (model, tokenizer, examples); its signature is (model)"),
+    Case("python-evaluator-syntax", "evaluator data", lambda w, s: [
+        "evolve", _python_search(w, s, "ev_syntax", "def score(:\n"), "--out", w / "run", "--quiet"],
+         "evaluator.python: cannot import 'ev_syntax': SyntaxError"),
+    Case("python-evaluator-not-a-number", "evaluator data", lambda w, s: [
+        "eval", s[0], "--search", _python_search(w, s, "ev_text", "def score(m, t, e):\n    return 'good'\n")],
+         "python: ev_text:score returned 'good'; expected a number"),
     # (end of the hostile pass's block)
     # --- the output path
     Case("force-onto-a-source", "output path", lambda w, s: ["merge", _native(w, s[:2]), s[1], "--force", "--quiet"],
