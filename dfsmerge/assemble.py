@@ -133,12 +133,17 @@ def model_from_checkpoint(cls: type, config: Any, checkpoint: Checkpoint, dtype:
     config.dtype = dtype
     with torch.device("meta"):
         model = cls(config)
-    tied = set() if not config.tie_word_embeddings else {n for n in model.state_dict() if n.startswith("lm_head.")}
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    checkpoint.check_shapes(expected.items(), str(checkpoint.source))
+    tied = set() if not config.tie_word_embeddings else {n for n in expected if n.startswith("lm_head.")}
     state = {}
-    for name in model.state_dict():
+    for name, shape in expected.items():
         if name in tied and name not in checkpoint:
             continue
         state[name] = checkpoint.get_as(name, dtype, device)
+        if tuple(state[name].shape) != shape:  # a tensor whose header was not read: .bin or GGUF
+            raise RecipeError(f"{checkpoint.source}: tensor {name!r} has shape {tuple(state[name].shape)}, the "
+                              f"config says {shape}")
     model.load_state_dict(state, strict=False, assign=True)
     for name, module in list(model.named_modules()):
         if any(b.is_meta for b in module.buffers(recurse=False)):

@@ -710,7 +710,8 @@ def load_model(target: str, dtype: str | torch.dtype = "float32", device: str = 
         tokenizer = load_tokenizer(path)  # before the weights
         try:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype)).to(device)
-        except (OSError, ValueError, KeyError) as exc:  # no weights, a config transformers cannot read, ...
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:  # no weights, a config transformers cannot
+            # read, weights whose shapes differ from the config's (a RuntimeError), ...
             raise RecipeError(f"{path}: cannot load the model (config.json and its weights): "
                               f"{type(exc).__name__}: {exc}") from None
         return model, tokenizer

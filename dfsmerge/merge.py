@@ -40,8 +40,12 @@ def open_sources(plan: Plan, cache_dir: str | None = None) -> list[Checkpoint | 
     """Open the sources a plan reads (None for a source it does not use)."""
     recipe = plan.recipe
     used = {h.model for h in recipe.hops} | {recipe.input_model, recipe.output_model}
-    return [open_checkpoint(s, plan.configs[i], cache_dir) if i in used else None
-            for i, s in enumerate(recipe.sources)]
+    checkpoints = [open_checkpoint(s, plan.configs[i], cache_dir) if i in used else None
+                   for i, s in enumerate(recipe.sources)]
+    for i, checkpoint in enumerate(checkpoints):
+        if checkpoint is not None:
+            checkpoint.check_shapes(((t.src_name, t.shape) for t in plan.tasks if t.model == i), f"models[{i}]")
+    return checkpoints
 
 
 def merge(

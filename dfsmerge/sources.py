@@ -179,6 +179,16 @@ class Checkpoint:
         """Where tensor ``name`` lies in a file as :meth:`get` returns it; None when it is not stored as is."""
         return self._stored.get(name)
 
+    def check_shapes(self, expected: Iterable[tuple[str | None, tuple[int, ...]]], where: str) -> None:
+        """Raise ``RecipeError`` naming ``where`` (e.g. ``models[1]``) and the tensor when a tensor's shape in the
+        file headers differs from the ``(name, shape)`` the config implies. Reads no weights: only tensors whose
+        header was read (safetensors) are checked here; others are checked as they are read."""
+        for name, shape in expected:
+            stored = self._stored.get(name) if name is not None else None
+            if stored is not None and stored.shape != tuple(shape):
+                raise RecipeError(f"{where}: tensor {name!r} has shape {stored.shape}, the config says "
+                                  f"{tuple(shape)}")
+
     def get_as(self, name: str, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
         """Tensor ``name`` as ``dtype`` (a floating tensor; others keep theirs) on ``device``, like
         ``get(name).to(device, dtype)``: the zero-copy view when that changes nothing. A tensor that is converted

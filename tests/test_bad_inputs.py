@@ -318,6 +318,16 @@ CASES = [
     Case("tensor-shape-disagrees", "weights", lambda w, s: _merge(w, _native(w, [s[0], _tensors(
         _copy(s[1], w), lambda t: t.update({k: t[k][:100] for k in ["model.layers.1.mlp.up_proj.weight"]}))])),
          "tensor 'model.layers.1.mlp.up_proj.weight' has shape (100, 64), the config says (128, 64)"),
+    Case("eval-weights-disagree-with-config", "weights", lambda w, s: [
+        "eval", _config(_copy(s[0], w), vocab_size=66), "--data", _text(w / "d.jsonl", '{"text": "the cat"}\n')],
+         "/bad: cannot load the model (config.json and its weights)"),
+    Case("eval-recipe-weights-disagree-with-config", "weights", lambda w, s: [
+        "eval", _native(w, [_config(_copy(s[0], w), vocab_size=66), s[1]]), "--data",
+        _text(w / "d.jsonl", '{"text": "the cat"}\n')],
+         "/bad: tensor 'model.embed_tokens.weight' has shape (64, 64), the config says (66, 64)"),
+    Case("evolve-weights-disagree-with-config", "weights", lambda w, s: [
+        "evolve", _search(w, [_config(_copy(s[0], w), vocab_size=66), s[1]]), "--out", w / "run", "--quiet"],
+         "/bad: tensor 'model.embed_tokens.weight' has shape (64, 64), the config says (66, 64)"),
     Case("float16-overflow", "weights", lambda w, s: _merge(w, _native(
         w, s[:2], "[{model: 0, layer: 0}, {model: 1, layer: 1, scale: 1.0e+6}]"), "--dtype", "float16"),
          "model.layers.0.mlp.down_proj.weight: value"),
