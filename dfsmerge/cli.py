@@ -350,10 +350,24 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as exc:
-        print("terminated" if isinstance(exc, Terminated) else "interrupted", file=sys.stderr)
-        return 143 if isinstance(exc, Terminated) else 130
+    except BaseException as exc:  # Ctrl-C or SIGTERM, also when a library failed while handling it (Optuna's
+        interrupt = _interrupt_behind(exc)  # storage raises UnboundLocalError from its own except path then)
+        if interrupt is None or (args.debug and interrupt is not exc):
+            raise
+        print("terminated" if isinstance(interrupt, Terminated) else "interrupted", file=sys.stderr)
+        return 143 if isinstance(interrupt, Terminated) else 130
     return 0
+
+
+def _interrupt_behind(exc: BaseException) -> KeyboardInterrupt | None:
+    """The Ctrl-C or SIGTERM (a ``KeyboardInterrupt``) that ``exc`` was raised while handling, if any."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__context__
+    return None
 
 
 def _one_line(exc: Exception) -> str:

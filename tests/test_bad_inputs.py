@@ -810,3 +810,24 @@ def test_interrupt_dropped_by_a_finalizer_is_raised_again(interrupt):
             _Finalized(interrupt)  # dropped at once
             for _ in range(200):
                 time.sleep(0.005)
+
+
+@pytest.mark.parametrize("signal_name, code, last", [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "terminated")])
+def test_interrupt_behind_a_library_error_exits_as_the_interrupt(monkeypatch, tmp_path, capsys, signal_name, code, last):
+    """A library that fails while it handles the interrupt (Optuna's storage raises UnboundLocalError from its own
+    except path when SIGTERM lands in a write) still exits as Ctrl-C / SIGTERM, with one last line."""
+    from dfsmerge import cli
+    from dfsmerge.writer import Terminated
+
+    def storage_write(args):
+        try:
+            raise Terminated("terminated by signal 15") if signal_name == "SIGTERM" else KeyboardInterrupt()
+        except BaseException:
+            raise UnboundLocalError("cannot access local variable 'updated_state'")
+
+    monkeypatch.setattr(cli, "cmd_plan", storage_write)
+    recipe = tmp_path / "r.yml"
+    recipe.write_text("models: [a]\nhops: [{model: 0, layer: 0}]\n")
+    assert cli.main(["plan", str(recipe)]) == code
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == last and "Traceback" not in err
