@@ -73,8 +73,9 @@ def parse_size(text: str | int) -> int:
 def check_apart(path: str | os.PathLike, sources: Iterable[str | os.PathLike], field: str,
                 what: str = "source") -> Path:
     """The one rule that keeps writes away from sources: ``path`` (to be written) must not be one of
-    ``sources`` (folders or files), lie inside one or contain one; paths are resolved and symbolic links followed,
-    and a source that is not on disk (a hub ID) is skipped. ``what`` names the protected paths in the message.
+    ``sources`` (folders or files), lie inside one or contain one; paths are resolved and symbolic links followed
+    (also those inside a source folder: the folders its linked files really lie in are protected alike), and a
+    source that is not on disk (a hub ID) is skipped. ``what`` names the protected paths in the message.
     Returns ``path`` resolved; raises :class:`RecipeError` naming ``field``."""
     if not str(path).strip():
         raise RecipeError(f"{field}: the path is empty")
@@ -82,13 +83,23 @@ def check_apart(path: str | os.PathLike, sources: Iterable[str | os.PathLike], f
     for source in sources:
         if not os.path.lexists(source):
             continue
-        src = Path(source).resolve()
-        relation = ("is" if real == src else "lies inside" if src in real.parents else
-                    "contains" if real in src.parents else None)
-        if relation:
-            raise RecipeError(f"{field}: {path} {relation} the {what} {source}; dfsmerge never writes into, over "
-                              f"or around a {what} (even with --force)")
+        for src in _real_places(Path(source)):
+            relation = ("is" if real == src else "lies inside" if src in real.parents else
+                        "contains" if real in src.parents else None)
+            if relation:
+                where = "" if src == Path(source).resolve() else f" (whose files lie in {src})"
+                raise RecipeError(f"{field}: {path} {relation} the {what} {source}{where}; dfsmerge never writes "
+                                  f"into, over or around a {what} (even with --force)")
     return real
+
+
+def _real_places(source: Path) -> list[Path]:
+    """``source`` resolved, and for a folder the real folders of the entries in it that are symbolic links."""
+    places = [source.resolve()]
+    if places[0].is_dir():
+        with contextlib.suppress(OSError):
+            places += [entry.resolve().parent for entry in places[0].iterdir() if entry.is_symlink()]
+    return list(dict.fromkeys(places))
 
 
 def check_target(target: str | os.PathLike, force: bool, sources: Iterable[str | os.PathLike]) -> Path:

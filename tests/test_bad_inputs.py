@@ -434,6 +434,12 @@ CASES = [
          "contains the source"),
     Case("target-through-symlink-into-source", "output path", lambda w, s: [
         "merge", _native(w, s[:2]), _link(w / "link", s[0]) / "merged", "--quiet"], "lies inside the source"),
+    Case("force-onto-the-folder-a-source-links-to", "output path", lambda w, s: [  # found by the fourth pass
+        "merge", _native(w, [_linked(s[0], w), s[1]]), w / "victim", "--force", "--quiet"],
+         "/links (whose files lie in /"),
+    Case("target-inside-the-folder-a-source-links-to", "output path", lambda w, s: [
+        "merge", _native(w, [_linked(s[0], w), s[1]]), w / "victim" / "sub", "--quiet"],
+         "/victim/sub lies inside the source "),
     Case("flatten-onto-its-input", "output path", lambda w, s: ["flatten", s[0], s[0], "--force", "--quiet"],
          "is the source"),
     Case("merge-best-into-a-source", "output path", lambda w, s: [
@@ -525,6 +531,14 @@ def _dir(path: Path) -> Path:
 def _link(path: Path, to: Path) -> Path:
     path.symlink_to(to)
     return path
+
+
+def _linked(source: Path, work: Path) -> Path:
+    """``work/links``: a folder of symbolic links to the files of ``work/victim``, a copy of ``source``."""
+    victim, links = _copy(source, work, "victim"), _dir(work / "links")
+    for file in victim.iterdir():
+        (links / file.name).symlink_to(file)
+    return links
 
 
 def _gone(file: Path) -> Path:
