@@ -449,6 +449,8 @@ def _all_finite(tensor: torch.Tensor) -> bool:
 
     if tensor.numel() == 0:
         return True
+    if tensor.dtype.itemsize == 1:  # float8: no aminmax kernel; every float8 value fits float16
+        tensor = tensor.to(torch.float16)
     low, high = torch.aminmax(tensor)
     return bool(torch.isfinite(low) & torch.isfinite(high))
 
@@ -475,20 +477,28 @@ def _checked_getter(get: Callable[[int, str], torch.Tensor],
 
 def _cast(chunk: torch.Tensor, dtype: torch.dtype, task: TensorTask, nonfinite: set[tuple[int, str]],
           allow_overflow: bool) -> torch.Tensor:
-    """``chunk`` in the output dtype; a value that does not fit (it becomes +-inf) is an error unless allowed."""
+    """``chunk`` in the output dtype. A value made infinite here (beyond ``dtype``'s range, or float32's in a
+    fold) is an error unless allowed, also beside NaN/Inf of the source tensor, which are kept (the source was
+    scanned, and warned about, when it was read)."""
     import torch
 
     out = chunk.to(dtype)
-    if (out is chunk and task.copies) or (task.model, task.src_name) in nonfinite or _all_finite(out):
-        return out  # copied as it is (the source was scanned), NaN/Inf of the source (warned), or all fits
-    bad = chunk[~torch.isfinite(out)]
-    value = float(bad[bad.abs().argmax()])
+    if (out is chunk and task.copies) or _all_finite(out):
+        return out  # copied as it is (the source was scanned), or all fits
+    lost = ~torch.isfinite(out)
+    if (task.model, task.src_name) in nonfinite:
+        lost &= torch.isfinite(chunk)  # the source's own NaN/Inf are not this cast's doing
+        if not lost.any():
+            return out
+    bad = chunk[lost]
+    value, name = float(bad[bad.abs().argmax()]), str(dtype).removeprefix("torch.")
     if not allow_overflow:
-        raise RecipeError(f"{task.name}: value {value:.6g} is beyond the {str(dtype).removeprefix('torch.')} range "
-                          f"(+-{torch.finfo(dtype).max:g}) after folding; choose --dtype bfloat16 or float32, or "
-                          "pass --allow-overflow to write it as +-inf")
+        wider = {"float16": "--dtype bfloat16 or float32, ", "bfloat16": "--dtype float32, "}.get(name, "smaller scales ")
+        made = "after folding" if not task.copies else "converted from the source's dtype"
+        raise RecipeError(f"{task.name}: value {value:.6g} is beyond the {name} range (+-{torch.finfo(dtype).max:g}) "
+                          f"{made}; choose {wider}or pass --allow-overflow to write it as +-inf")
     log.warning("warning: %s: value %.6g is beyond the %s range; written as +-inf (--allow-overflow)", task.name,
-                value, str(dtype).removeprefix("torch."))
+                value, name)
     return out
 
 

@@ -781,6 +781,38 @@ def test_overflow_is_written_as_inf_only_when_allowed(llama_sources, tmp_path, c
     assert torch.isinf(written).any() and torch.equal(torch.isinf(written), folded.abs() >= 65520)
 
 
+def test_overflow_beside_nan_of_the_source_is_still_refused(llama_sources, tmp_path, caplog, capsys):
+    """Found by the fourth hostile pass: a tensor holding NaN (kept, warned) and a value that overflows float16 was
+    written with +inf and exit 0."""
+    name = "model.layers.0.mlp.down_proj.weight"
+    bad = _tensors(_copy(llama_sources[0], tmp_path), lambda t: t[name].view(-1)[:2].copy_(
+        torch.tensor([float("nan"), 1e30])))
+    recipe = _native(tmp_path, [bad], "[{model: 0, layer: 0}, {model: 0, layer: 1, scale: 0.5}]")
+    line = _assert_one_error(*_run(_merge(tmp_path, recipe, "--dtype", "float16"), capsys)[:2], name)
+    assert "value 5e+29 is beyond the float16 range (+-65504) after folding; choose --dtype bfloat16 or float32" in line
+    assert f"tensor {name!r} holds NaN or Inf values" in caplog.text
+    assert not (tmp_path / "out").exists()
+
+
+def test_overflow_of_a_conversion_names_it_and_a_wider_dtype(llama_sources, tmp_path, capsys):
+    name = "model.layers.1.self_attn.q_proj.weight"
+    bad = _tensors(_copy(llama_sources[0], tmp_path), lambda t: t[name].view(-1).__setitem__(3, 3.4e38))
+    line = _assert_one_error(*_run(_merge(tmp_path, _native(tmp_path, [bad], "[{model: 0, layer: 1}]"),
+                                          "--dtype", "bfloat16"), capsys)[:2], name.replace("layers.1", "layers.0"))
+    assert "beyond the bfloat16 range" in line and "converted from the source's dtype; choose --dtype float32," in line
+
+
+def test_a_float8_source_tensor_is_converted(llama_sources, tmp_path):
+    """Found by the fourth hostile pass: a float8 tensor crashed the NaN scan (no aminmax kernel for float8)."""
+    name = "model.layers.0.mlp.up_proj.weight"
+    bad = _tensors(_copy(llama_sources[0], tmp_path), lambda t: t.__setitem__(name, t[name].to(torch.float8_e4m3fn)))
+    stored = load_file(bad / "model.safetensors")[name]
+    assert stored.dtype == torch.float8_e4m3fn
+    assert main(_merge(tmp_path, _native(tmp_path, [bad], "[{model: 0, layer: 0}]"), "--dtype", "float32")) == 0
+    written = load_file(tmp_path / "out" / "model.safetensors")[name]
+    assert written.dtype == torch.float32 and torch.equal(written, stored.float())
+
+
 # ---------------------------------------------------------------------------------------------------- dtypes
 
 
