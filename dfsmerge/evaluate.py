@@ -498,10 +498,14 @@ class PythonEvaluator(Evaluator):
 
     def score_chunk(self, model: torch.nn.Module, tokenizer: Any, chunk: Chunk) -> torch.Tensor:
         score = self.function(model, tokenizer, self.examples)
-        if isinstance(score, bool) or not isinstance(score, (int, float)):
+        try:  # a Python, NumPy or 0-d torch number; not text (float("1") works) and not a truth value
+            value = None if isinstance(score, (bool, str, bytes)) else float(score)
+        except (TypeError, ValueError, OverflowError, RuntimeError):
+            value = None
+        if value is None or not math.isfinite(value):
             raise RecipeError(f"python: {self.function.__module__}:{self.function.__name__} returned "
-                              f"{brief(score)}; expected a number (higher is better)")
-        return torch.tensor([float(score)], dtype=torch.float64)
+                              f"{brief(score)}; expected a finite number (higher is better)")
+        return torch.tensor([value], dtype=torch.float64)
 
 
 def _import_function(spec: Any, base: Path, where: str) -> Callable:
@@ -517,7 +521,8 @@ def _import_function(spec: Any, base: Path, where: str) -> Callable:
         del sys.path[:2]
     function = getattr(module, name, None)
     if not callable(function):
-        raise RecipeError(f"{where}.python: {module_name} has no function {name!r}")
+        raise RecipeError(f"{where}.python: {module_name} (imported from {getattr(module, '__file__', None)}) has "
+                          f"no function {name!r}; a module named like an installed one is not imported")
     try:
         inspect.signature(function).bind(None, None, None)
     except TypeError:

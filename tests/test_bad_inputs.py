@@ -422,7 +422,7 @@ CASES = [
          "evaluator.python: cannot import 'ev_syntax': SyntaxError"),
     Case("python-evaluator-not-a-number", "evaluator data", lambda w, s: [
         "eval", s[0], "--search", _python_search(w, s, "ev_text", "def score(m, t, e):\n    return 'good'\n")],
-         "python: ev_text:score returned 'good'; expected a number"),
+         "python: ev_text:score returned 'good'; expected a finite number"),
     # (end of the hostile pass's block)
     # --- the output path
     Case("force-onto-a-source", "output path", lambda w, s: ["merge", _native(w, s[:2]), s[1], "--force", "--quiet"],

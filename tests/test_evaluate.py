@@ -160,6 +160,25 @@ def test_evaluator_errors_name_the_field(tmp_path, spec, message):
     assert message in str(err.value)
 
 
+@pytest.mark.parametrize("score, expected", [
+    (0.5, 0.5), (3, 3.0), (pytest.importorskip("numpy").float32(0.25), 0.25), (torch.tensor(1.5), 1.5),
+    (float("nan"), None), (float("-inf"), None), (10 ** 400, None), ("0.5", None), (True, None),
+    (torch.tensor([1.0, 2.0]), None), (None, None),
+], ids=["float", "int", "numpy", "0-d tensor", "nan", "-inf", "huge int", "text", "bool", "vector", "none"])
+def test_a_python_evaluator_score_is_any_finite_number(tmp_path, score, expected):
+    """Found by the fourth hostile pass: NumPy and 0-d torch numbers were refused; NaN, -inf were accepted and
+    10**400 was an OverflowError traceback."""
+    (tmp_path / "d.jsonl").write_text('{"x": 1}\n')
+    (tmp_path / "scorer.py").write_text("SCORE = None\ndef score(model, tokenizer, examples):\n    return SCORE\n")
+    evaluator, _ = make_evaluators({"python": "scorer:score", "data": "d.jsonl", "validation": 0}, tmp_path)
+    evaluator.function.__globals__["SCORE"] = score
+    if expected is None:
+        with pytest.raises(RecipeError, match="python: scorer:score returned .*; expected a finite number"):
+            evaluator(torch.nn.Linear(1, 1), None)
+    else:
+        assert evaluator(torch.nn.Linear(1, 1), None) == expected
+
+
 def test_bad_json_line_is_named(tmp_path):
     (tmp_path / "d.jsonl").write_text('{"text": "a"}\n{"text": \n')
     with pytest.raises(RecipeError, match=r"d.jsonl:2: not valid JSON"):
