@@ -707,7 +707,12 @@ def load_model(target: str, dtype: str | torch.dtype = "float32", device: str = 
     whose tokenizer or model transformers cannot load is a :class:`RecipeError` naming the folder."""
     dtype, device = dtype_name(dtype), check_device(device)
     path = Path(target)
-    if (path / "config.json").is_file():
+    if (path / "config.json").is_file() and _plain_causal_lm(path):  # read as every source is: shapes checked
+        from .assemble import Sources                                # against config.json, tensors one by one
+
+        sources = Sources([target], dtype=dtype, device=device, cache_dir=cache_dir)
+        return sources.model(target), sources.tokenizer(target) or _no_tokenizer(target)
+    if (path / "config.json").is_file():  # a compact DFS folder: its own classes, through transformers
         from transformers import AutoModelForCausalLM
 
         from .assemble import load_tokenizer
@@ -734,3 +739,24 @@ def load_model(target: str, dtype: str | torch.dtype = "float32", device: str = 
         raise RecipeError(f"{target}: its input model {recipe.sources[recipe.input_model]} has no tokenizer files; "
                           "the evaluators score text with it")
     return model, tokenizer
+
+
+def _plain_causal_lm(folder: Path) -> bool:
+    """Whether ``folder`` holds a causal LM of a family dfsmerge knows (not a DFS or classifier checkpoint)."""
+    from .families import family_of
+    from .plan import is_classifier
+    from .recipe import Source
+    from .sources import read_config
+
+    config = read_config(Source(str(folder)))
+    if "dfs_hops" in config or "num_hops" in config or is_classifier(config):
+        return False
+    try:
+        family_of(config, str(folder))
+    except RecipeError:
+        return False
+    return True
+
+
+def _no_tokenizer(folder: str) -> Any:
+    raise RecipeError(f"{folder}: has no tokenizer files; the evaluators score text with it")

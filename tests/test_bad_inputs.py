@@ -320,7 +320,7 @@ CASES = [
          "tensor 'model.layers.1.mlp.up_proj.weight' has shape (100, 64), the config says (128, 64)"),
     Case("eval-weights-disagree-with-config", "weights", lambda w, s: [
         "eval", _config(_copy(s[0], w), vocab_size=66), "--data", _text(w / "d.jsonl", '{"text": "the cat"}\n')],
-         "/bad: cannot load the model (config.json and its weights)"),
+         "/bad: tensor 'model.embed_tokens.weight' has shape (64, 64), the config says (66, 64)"),
     Case("eval-recipe-weights-disagree-with-config", "weights", lambda w, s: [
         "eval", _native(w, [_config(_copy(s[0], w), vocab_size=66), s[1]]), "--data",
         _text(w / "d.jsonl", '{"text": "the cat"}\n')],
