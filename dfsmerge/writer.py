@@ -193,14 +193,33 @@ def atomic_folder(target: str | os.PathLike, force: bool, sources: Iterable[str 
             check_target(target, force, sources)
             _put_in_place(tmp, target)
         except OSError as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
+            _remove_held(tmp)
             if exc.filename is not None and not any(Path(exc.filename) == p or p in Path(exc.filename).parents
                                                     for p in (tmp, target)):
                 raise  # not about the output (e.g. a source file)
             raise RecipeError(f"output: writing {target} failed: {exc.strerror or exc}") from None
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            _remove_held(tmp)
             raise
+
+
+def _remove_held(tmp: Path) -> None:
+    """Remove the temporary folder ``tmp``; a Ctrl-C or SIGTERM that arrives meanwhile (a second one, pressed
+    while the first is cleaned up) waits until it is gone, then acts. Held only in the main thread, where Python
+    runs signal handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    held: list[int] = []
+    previous = {signum: signal.signal(signum, lambda signum, frame: held.append(signum))
+                for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if held:
+        signal.raise_signal(held[0])
 
 
 @contextlib.contextmanager

@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import json
 import multiprocessing
+import importlib
 import os
 import resource
 import shutil
@@ -877,3 +878,28 @@ def test_interrupt_behind_a_library_error_exits_as_the_interrupt(monkeypatch, tm
     assert cli.main(["plan", str(recipe)]) == code
     err = capsys.readouterr().err
     assert err.strip().splitlines()[-1] == last and "Traceback" not in err
+
+
+def test_a_second_interrupt_during_cleanup_waits_until_the_temporary_folder_is_gone(llama_sources, tmp_path,
+                                                                                     monkeypatch):
+    """Found by the fourth hostile pass: a second Ctrl-C while the first one's cleanup ran left the temporary
+    folder behind. Here the first interrupt comes from the writer and the second arrives inside the removal."""
+    import dfsmerge.writer as writer
+
+    removed, rmtree = [], shutil.rmtree
+
+    def rmtree_interrupted(path, ignore_errors=False):
+        os.kill(os.getpid(), signal.SIGINT)  # the second Ctrl-C, in the middle of the cleanup
+        time.sleep(0.05)
+        rmtree(path, ignore_errors=ignore_errors)
+        removed.append(path)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    merge_module = importlib.import_module("dfsmerge.merge")  # `dfsmerge.merge` is the function
+    monkeypatch.setattr(merge_module, "write_tensors", interrupted)
+    monkeypatch.setattr(writer.shutil, "rmtree", rmtree_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        merge_module.merge(_native(tmp_path, llama_sources[:2]), tmp_path / "out", quiet=True)
+    assert removed and not any(p.name.startswith(".out.dfsmerge-tmp-") for p in tmp_path.iterdir())
