@@ -333,8 +333,8 @@ def open_study(config: SearchConfig, space: SearchSpace, storage: str | Any, stu
     sampler = make_sampler(config, space)
     with warnings.catch_warnings():  # the Wilcoxon pruner is marked experimental since Optuna 3.6
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        pruner = optuna.pruners.WilcoxonPruner(p_threshold=config.prune) if config.prune else \
-            optuna.pruners.NopPruner()
+        pruner = optuna.pruners.WilcoxonPruner(p_threshold=config.prune, n_startup_steps=config.prune_startup) \
+            if config.prune else optuna.pruners.NopPruner()
     now = fingerprint(config, space)
     try:
         study = optuna.create_study(storage=rdb, study_name=study_name, direction="maximize", sampler=sampler,

@@ -46,6 +46,8 @@ _SEARCH_KEYS = ("population", "generations", "seed", "sampler", "sigma0", "scale
                 "init", "max_hops", "baselines", "heartbeat", "prune")
 SAMPLERS = ("cmaes", "sep-cmaes", "random")
 PRUNE_P = 0.1  # the Wilcoxon pruner's p-value threshold of `prune: true` (off by default: bench_pruning.py)
+PRUNE_STARTUP = 2  # examples a candidate scores before the pruner may stop it (Optuna's n_startup_steps and
+#                    default; bench_pruning.py, seeds 10-13: no clear gain from 16 or 30 of 60, or p 0.02 or 0.05)
 MAX_SCALE = 1000.0  # the largest scale a search may draw (CMA-ES's arithmetic overflows on ranges near 1e308)
 MAX_SLOTS = 100_000  # a search's bound on num_r x models x layers (_check_slots)
 PERIODS = 25  # each parameter's box spans this many mirror periods beyond each end of its range
@@ -78,6 +80,7 @@ class SearchConfig:
     baselines: bool = True
     heartbeat: int = 30  # seconds of silence after which a worker's running trial counts as lost
     prune: float | None = None  # p-value threshold of the Wilcoxon pruner; None (the default): all scored in full
+    prune_startup: int = PRUNE_STARTUP  # examples scored before the pruner may stop a candidate
     dtype: str = "float32"  # parse_search: by the device (evaluate.speed_defaults)
     device: str = "cpu"
     cache_dir: str | None = None
