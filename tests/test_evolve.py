@@ -625,7 +625,8 @@ def test_failing_candidates_are_recorded_and_a_broken_setup_stops(tmp_path, pair
     result = evolve(load_search(search), tmp_path / "run", quiet=True)
     errors = [r["error"] for r in _rows(tmp_path / "run")]
     assert result.done == 14 and errors.count("ValueError: boom") == 4  # calls 3, 6, 9, 12 of 14
-    assert errors.count("FloatingPointError: the score is nan") == 4  # calls 4, 7, 10, 13
+    assert errors.count("RecipeError: python: flaky:score returned nan; expected a finite number (higher is "
+                        "better)") == 4  # calls 4, 7, 10, 13
     doc = yaml.safe_load(search.read_text())
     doc["evaluator"]["python"] = "flaky:broken"
     search.write_text(yaml.safe_dump(doc))
