@@ -708,10 +708,10 @@ def load_model(target: str, dtype: str | torch.dtype = "float32", device: str = 
     dtype, device = dtype_name(dtype), check_device(device)
     path = Path(target)
     if (path / "config.json").is_file() and _plain_causal_lm(path):  # read as every source is: shapes checked
-        from .assemble import Sources                                # against config.json, tensors one by one
+        from .assemble import Sources, load_tokenizer                # against config.json, tensors one by one
 
-        sources = Sources([target], dtype=dtype, device=device, cache_dir=cache_dir)
-        return sources.model(target), sources.tokenizer(target) or _no_tokenizer(target)
+        tokenizer = load_tokenizer(path)  # before the weights
+        return Sources([target], dtype=dtype, device=device, cache_dir=cache_dir).model(target), tokenizer
     if (path / "config.json").is_file():  # a compact DFS folder: its own classes, through transformers
         from transformers import AutoModelForCausalLM
 
@@ -757,6 +757,3 @@ def _plain_causal_lm(folder: Path) -> bool:
         return False
     return True
 
-
-def _no_tokenizer(folder: str) -> Any:
-    raise RecipeError(f"{folder}: has no tokenizer files; the evaluators score text with it")
