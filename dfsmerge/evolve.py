@@ -108,6 +108,20 @@ def _retry_once(study: Any, trial: Any) -> None:
         study.enqueue_trial(trial.params, user_attrs={**marks, "retry_of": trial.number})
 
 
+def _sqlite_file(url: str) -> str | None:
+    """The database file of an SQLite storage URL; None for another database. Only ``sqlite:///FILE`` is taken:
+    another spelling (a driver, ``file:`` URIs, options, an in-memory database, which is lost with the process and
+    whose heartbeat thread has no connection of its own) is a RecipeError, so the file is always known and kept
+    apart from the sources."""
+    if url.split(":", 1)[0].split("+", 1)[0] != "sqlite":
+        return None
+    path = url[len("sqlite:///"):] if url.startswith("sqlite:///") else ""
+    if path in ("", ":memory:") or "?" in path or path.startswith("file:"):
+        raise RecipeError(f"storage {url}: expected sqlite:///FILE (a file path: no driver name, options or "
+                          "in-memory database)")
+    return path
+
+
 def _sqlite_engine(url: str) -> dict:
     """SQLite in write-ahead-log mode without an fsync per commit (Optuna commits once per parameter; a
     killed process still loses nothing committed), and no implicit transactions: :func:`_begin_immediate`
@@ -187,10 +201,7 @@ def _storage(url: str, heartbeat: int) -> Any:
 
     if url.startswith("postgresql://"):  # one driver whatever SQLAlchemy's default: psycopg 3
         url = "postgresql+psycopg://" + url[len("postgresql://"):]
-    sqlite = url.startswith("sqlite:///")
-    if url.startswith("sqlite:") and not (sqlite and url[len("sqlite:///"):] not in ("", ":memory:")):
-        raise RecipeError(f"storage {url}: expected sqlite:///FILE (an in-memory database is lost with the process "
-                          "and its heartbeat thread has no connection of its own)")
+    sqlite = _sqlite_file(url) is not None
     engine_kwargs = _sqlite_engine(url) if sqlite else {"pool_pre_ping": True}
     for attempt in range(5):
         try:
@@ -939,8 +950,8 @@ def evolve(config: SearchConfig, out: str | os.PathLike, storage: str | None = N
     ``study_name`` to share the work. Prints one line per trial and a final table unless ``quiet``."""
     out = _run_folder(out, config)
     storage = storage or f"sqlite:///{out / 'study.db'}"
-    if storage.startswith("sqlite:///"):
-        check_apart(storage[len("sqlite:///"):], [s.path for s in config.sources], "storage")
+    if _sqlite_file(storage) is not None:
+        check_apart(_sqlite_file(storage), [s.path for s in config.sources], "storage")
     study_name = study_name or out.name
     space = SearchSpace(config)
     created = not out.exists()

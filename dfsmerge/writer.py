@@ -94,12 +94,28 @@ def check_apart(path: str | os.PathLike, sources: Iterable[str | os.PathLike], f
 
 
 def _real_places(source: Path) -> list[Path]:
-    """``source`` resolved, and for a folder the real folders of the entries in it that are symbolic links."""
-    places = [source.resolve()]
-    if places[0].is_dir():
+    """The places writes must keep away from for ``source``: where it really is, and for a folder, where the
+    symbolic links in it lead (the folder a linked file lies in, a linked folder itself); along a chain of links
+    (``links/x -> mid/x -> victim/x``) every folder holding one of its links is protected too."""
+    places = _link_chain(source, file_folder=False)
+    if places[-1].is_dir():
         with contextlib.suppress(OSError):
-            places += [entry.resolve().parent for entry in places[0].iterdir() if entry.is_symlink()]
+            places += [p for e in places[-1].iterdir() if e.is_symlink() for p in _link_chain(e, file_folder=True)]
     return list(dict.fromkeys(places))
+
+
+def _link_chain(path: Path, file_folder: bool) -> list[Path]:
+    """The folders holding the links of the chain of symbolic links from ``path`` (but its first link's, which
+    lies where ``path`` is), then where the chain ends: resolved; a file's folder when ``file_folder``."""
+    current, held = Path(os.path.abspath(path)), []
+    for hop in range(40):  # the system's own bound on a chain (ELOOP)
+        if not current.is_symlink():
+            break
+        if hop:
+            held.append(current.parent.resolve())
+        current = Path(os.path.abspath(current.parent.resolve() / os.readlink(current)))
+    real = current.resolve()
+    return held + [real.parent if file_folder and not real.is_dir() else real]
 
 
 def check_target(target: str | os.PathLike, force: bool, sources: Iterable[str | os.PathLike]) -> Path:

@@ -441,6 +441,9 @@ CASES = [
     Case("target-inside-the-folder-a-source-links-to", "output path", lambda w, s: [
         "merge", _native(w, [_linked(s[0], w), s[1]]), w / "victim" / "sub", "--quiet"],
          "/victim/sub lies inside the source "),
+    Case("force-onto-a-folder-in-a-chain-of-links", "output path", lambda w, s: [  # found by the fifth pass
+        "merge", _native(w, [_linked(_linked(s[0], w), w, "chain"), s[1]]), w / "links", "--force", "--quiet"],
+         "/links is the source "),
     Case("flatten-onto-its-input", "output path", lambda w, s: ["flatten", s[0], s[0], "--force", "--quiet"],
          "is the source"),
     Case("merge-best-into-a-source", "output path", lambda w, s: [
@@ -487,6 +490,12 @@ CASES = [
     # found by the second hostile pass
     Case("evolve-storage-in-memory", "options", lambda w, s: [
         "evolve", _search(w, s), "--out", w / "run", "--storage", "sqlite://", "--quiet"], "storage sqlite://"),
+    Case("evolve-storage-driver-spelling-into-a-source", "options", lambda w, s: [  # found by the fifth pass
+        "evolve", _search(w, s), "--out", w / "run", "--storage", f"sqlite+pysqlite:///{s[0]}/x.db", "--quiet"],
+         "expected sqlite:///FILE"),
+    Case("evolve-storage-uri-into-a-source", "options", lambda w, s: [
+        "evolve", _search(w, s), "--out", w / "run", "--storage", f"sqlite:///file:{s[0]}/y.db?mode=rwc&uri=true",
+        "--quiet"], "expected sqlite:///FILE"),
     Case("evolve-scales-near-overflow", "options", lambda w, s: [
         "evolve", _search(w, s, extra="  scales: [0, 1.0e+308]\n"), "--out", w / "run", "--quiet"],
          "search.scales"),
@@ -534,10 +543,12 @@ def _link(path: Path, to: Path) -> Path:
     return path
 
 
-def _linked(source: Path, work: Path) -> Path:
-    """``work/links``: a folder of symbolic links to the files of ``work/victim``, a copy of ``source``."""
-    victim, links = _copy(source, work, "victim"), _dir(work / "links")
-    for file in victim.iterdir():
+def _linked(source: Path, work: Path, name: str = "links") -> Path:
+    """``work/<name>``: a folder of symbolic links to the files of ``source`` (first a copy, ``work/victim``,
+    when ``source`` is not in ``work``)."""
+    target = source if source.parent == work else _copy(source, work, "victim")
+    links = _dir(work / name)
+    for file in target.iterdir():
         (links / file.name).symlink_to(file)
     return links
 
