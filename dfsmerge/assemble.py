@@ -140,10 +140,13 @@ def model_from_checkpoint(cls: type, config: Any, checkpoint: Checkpoint, dtype:
     for name, shape in expected.items():
         if name in tied and name not in checkpoint:
             continue
-        state[name] = checkpoint.get_as(name, dtype, device)
-        if tuple(state[name].shape) != shape:  # a tensor whose header was not read: .bin or GGUF
-            raise RecipeError(f"{checkpoint.source}: tensor {name!r} has shape {tuple(state[name].shape)}, the "
-                              f"config says {shape}")
+        state[name] = tensor = checkpoint.get_as(name, dtype, device)
+        if tuple(tensor.shape) != shape:  # a tensor whose header was not read: .bin or GGUF
+            raise RecipeError(f"{checkpoint.source}: tensor {name!r} has shape {tuple(tensor.shape)}, the config "
+                              f"says {shape}")
+        if not tensor.is_floating_point():  # as the writer says it of a merge
+            raise RecipeError(f"{checkpoint.source}: tensor {name!r} holds {str(tensor.dtype).removeprefix('torch.')}"
+                              " values; a weight the config describes must be floating point")
     model.load_state_dict(state, strict=False, assign=True)
     for name, module in list(model.named_modules()):
         if any(b.is_meta for b in module.buffers(recurse=False)):

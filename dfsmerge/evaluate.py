@@ -497,15 +497,29 @@ class PythonEvaluator(Evaluator):
         return [Chunk([0])]
 
     def score_chunk(self, model: torch.nn.Module, tokenizer: Any, chunk: Chunk) -> torch.Tensor:
-        score = self.function(model, tokenizer, self.examples)
-        try:  # a Python, NumPy or 0-d torch number; not text (float("1") works) and not a truth value
-            value = None if isinstance(score, (bool, str, bytes)) else float(score)
-        except (TypeError, ValueError, OverflowError, RuntimeError):
-            value = None
-        if value is None or not math.isfinite(value):
-            raise RecipeError(f"python: {self.function.__module__}:{self.function.__name__} returned "
-                              f"{brief(score)}; expected a finite number (higher is better)")
+        where = f"python: {self.function.__module__}:{self.function.__name__}"
+        try:
+            score = self.function(model, tokenizer, self.examples)
+        except Exception as exc:  # the user's own error: one line (with --debug, its traceback)
+            raise RecipeError(f"{where} raised {type(exc).__name__}: {exc}") from exc
+        value = _real_number(score)
+        if value is None:
+            raise RecipeError(f"{where} returned {brief(score)}; expected a finite number (higher is better)")
         return torch.tensor([value], dtype=torch.float64)
+
+
+def _real_number(score: Any) -> float | None:
+    """``score`` as a finite float when it is a real number: Python's, NumPy's or a 0-d torch tensor; None for
+    truth values, complex numbers, text (``float("1")`` works), arrays and non-finite values."""
+    kind = str(getattr(score, "dtype", type(score).__name__))
+    if isinstance(score, (str, bytes, bytearray)) or getattr(score, "ndim", 0) != 0 or "bool" in kind or \
+            "complex" in kind:
+        return None
+    try:
+        value = float(score)
+    except Exception:  # TypeError, ValueError, OverflowError, or whatever a __float__ raises
+        return None
+    return value if math.isfinite(value) else None
 
 
 def _import_function(spec: Any, base: Path, where: str) -> Callable:

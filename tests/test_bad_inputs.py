@@ -329,6 +329,10 @@ CASES = [
     Case("evolve-weights-disagree-with-config", "weights", lambda w, s: [
         "evolve", _search(w, [_config(_copy(s[0], w), vocab_size=66), s[1]]), "--out", w / "run", "--quiet"],
          "/bad: tensor 'model.embed_tokens.weight' has shape (64, 64), the config says (66, 64)"),
+    Case("eval-integer-weight", "weights", lambda w, s: [  # found by the fifth hostile pass (a traceback)
+        "eval", _tensors(_copy(s[0], w), lambda t: t.update({k: t[k].to(torch.int16) for k in [
+            "model.layers.0.input_layernorm.weight"]})), "--data", _text(w / "d.jsonl", '{"text": "the cat"}\n')],
+         "tensor 'model.layers.0.input_layernorm.weight' holds int16 values"),
     Case("float16-overflow", "weights", lambda w, s: _merge(w, _native(
         w, s[:2], "[{model: 0, layer: 0}, {model: 1, layer: 1, scale: 1.0e+6}]"), "--dtype", "float16"),
          "model.layers.0.mlp.down_proj.weight: value"),

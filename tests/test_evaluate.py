@@ -163,8 +163,11 @@ def test_evaluator_errors_name_the_field(tmp_path, spec, message):
 @pytest.mark.parametrize("score, expected", [
     (0.5, 0.5), (3, 3.0), (pytest.importorskip("numpy").float32(0.25), 0.25), (torch.tensor(1.5), 1.5),
     (float("nan"), None), (float("-inf"), None), (10 ** 400, None), ("0.5", None), (True, None),
-    (torch.tensor([1.0, 2.0]), None), (None, None),
-], ids=["float", "int", "numpy", "0-d tensor", "nan", "-inf", "huge int", "text", "bool", "vector", "none"])
+    (torch.tensor([1.0, 2.0]), None), (None, None), (pytest.importorskip("numpy").True_, None),
+    (torch.tensor(True), None), (bytearray(b"2.5"), None), (torch.tensor(1 + 0j), None), (1 + 0j, None),
+    (torch.tensor([-2.0]), None),
+], ids=["float", "int", "numpy", "0-d tensor", "nan", "-inf", "huge int", "text", "bool", "vector", "none",
+        "numpy bool", "tensor bool", "bytearray", "complex tensor", "complex", "1-element vector"])
 def test_a_python_evaluator_score_is_any_finite_number(tmp_path, score, expected):
     """Found by the fourth hostile pass: NumPy and 0-d torch numbers were refused; NaN, -inf were accepted and
     10**400 was an OverflowError traceback."""

@@ -624,13 +624,14 @@ def test_failing_candidates_are_recorded_and_a_broken_setup_stops(tmp_path, pair
                           population=4, generations=3)
     result = evolve(load_search(search), tmp_path / "run", quiet=True)
     errors = [r["error"] for r in _rows(tmp_path / "run")]
-    assert result.done == 14 and errors.count("ValueError: boom") == 4  # calls 3, 6, 9, 12 of 14
+    assert result.done == 14 and errors.count("RecipeError: python: flaky:score raised ValueError: boom") == 4
     assert errors.count("RecipeError: python: flaky:score returned nan; expected a finite number (higher is "
                         "better)") == 4  # calls 4, 7, 10, 13
     doc = yaml.safe_load(search.read_text())
     doc["evaluator"]["python"] = "flaky:broken"
     search.write_text(yaml.safe_dump(doc))
-    with pytest.raises(RecipeError, match="first 4 candidates all failed; the first error: KeyError"):
+    with pytest.raises(RecipeError, match="first 4 candidates all failed; the first error: RecipeError: python: "
+                                          "flaky:broken raised KeyError"):
         evolve(load_search(search), tmp_path / "run2", quiet=True)
 
 
