@@ -329,6 +329,10 @@ CASES = [
     Case("evolve-weights-disagree-with-config", "weights", lambda w, s: [
         "evolve", _search(w, [_config(_copy(s[0], w), vocab_size=66), s[1]]), "--out", w / "run", "--quiet"],
          "/bad: tensor 'model.embed_tokens.weight' has shape (64, 64), the config says (66, 64)"),
+    Case("eval-compact-missing-tensor", "weights", lambda w, s: [  # found by the fifth pass (scored random weights)
+        "eval", _tensors(_compact(s[0], w), lambda t: t.pop("model.dfs_layers.0.self_attn.q_proj.weight")),
+        "--data", _text(w / "d.jsonl", '{"text": "the cat"}\n')],
+         "1 tensor(s) the config describes are missing from the weights, e.g. 'model.dfs_layers.0.self_attn.q_proj"),
     Case("eval-integer-weight", "weights", lambda w, s: [  # found by the fifth hostile pass (a traceback)
         "eval", _tensors(_copy(s[0], w), lambda t: t.update({k: t[k].to(torch.int16) for k in [
             "model.layers.0.input_layernorm.weight"]})), "--data", _text(w / "d.jsonl", '{"text": "the cat"}\n')],
@@ -555,6 +559,13 @@ def _linked(source: Path, work: Path, name: str = "links") -> Path:
     for file in target.iterdir():
         (links / file.name).symlink_to(file)
     return links
+
+
+def _compact(source: Path, work: Path) -> Path:
+    """``work/compact``: two hops of ``source`` (one scaled) in the compact format."""
+    assert main(["merge", str(_native(work, [source], "[{model: 0, layer: 0}, {model: 0, layer: 1, scale: 0.5}]")),
+                 str(work / "compact"), "--format", "compact", "--quiet"]) == 0
+    return work / "compact"
 
 
 def _gone(file: Path) -> Path:
