@@ -19,6 +19,7 @@ import fcntl
 import glob
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -428,15 +429,21 @@ def _write_computed(f, task: TensorTask, get: Callable[[int, str], torch.Tensor]
     GIL), so at most two pieces are held. Returns the bytes written. The only place the writer needs torch."""
     import torch
 
-    out_dtype, written, pending = getattr(torch, dtype), 0, None
+    out_dtype, written, pending, kept = getattr(torch, dtype), 0, None, False
     with ThreadPoolExecutor(max_workers=1) as pool:
         for chunk in task.chunks(get, device, out_dtype):
             for piece in chunk.reshape(-1).split(_PIECE_ELEMENTS):
-                data = memoryview(_cast(piece, out_dtype, task, nonfinite, allow_overflow).view(torch.uint8)
-                                  .cpu().numpy())
+                out = _cast(piece, out_dtype, task, nonfinite, allow_overflow)
+                kept = kept or (task.model, task.src_name) in nonfinite and not _all_finite(out)
                 written += pending.result() if pending else 0
-                pending = pool.submit(_write_all, f, data)
-        return written + (pending.result() if pending else 0)
+                pending = pool.submit(_write_all, f, memoryview(out.view(torch.uint8).cpu().numpy()))
+        written += pending.result() if pending else 0
+    if kept and not allow_overflow:  # NaN/Inf of the source were kept: is any infinity this merge's own?
+        clean = (lambda model, name: torch.nan_to_num(get(model, name), nan=0.0, posinf=0.0, neginf=0.0))
+        for chunk in task.chunks(clean, device, out_dtype):  # the same fold without them: raises if one is left
+            for piece in chunk.reshape(-1).split(_PIECE_ELEMENTS):
+                _cast(piece, out_dtype, task, set(), allow_overflow)
+    return written
 
 
 _PIECE_ELEMENTS = 1 << 22  # converted pieces of 16 MB of float32
@@ -512,19 +519,27 @@ def _checked_getter(get: Callable[[int, str], torch.Tensor],
 
 def _cast(chunk: torch.Tensor, dtype: torch.dtype, task: TensorTask, nonfinite: set[tuple[int, str]],
           allow_overflow: bool) -> torch.Tensor:
-    """``chunk`` in the output dtype. A value made infinite here (beyond ``dtype``'s range, or float32's in a
-    fold) is an error unless allowed, also beside NaN/Inf of the source tensor, which are kept (the source was
-    scanned, and warned about, when it was read)."""
+    """``chunk`` in the output dtype. A value made infinite (beyond ``dtype``'s range, or float32's in a fold) is
+    an error unless allowed; a tensor whose source holds NaN/Inf (scanned and warned about when it was read) is
+    returned as it is: :func:`_write_computed` checks it again without them."""
     import torch
 
     out = chunk.to(dtype)
-    if (out is chunk and task.copies) or _all_finite(out):
-        return out  # copied as it is (the source was scanned), or all fits
-    lost = ~torch.isfinite(out)
-    if (task.model, task.src_name) in nonfinite:
-        lost &= torch.isfinite(chunk)  # the source's own NaN/Inf are not this cast's doing
-        if not lost.any():
-            return out
+    if (out is chunk and task.copies) or (task.model, task.src_name) in nonfinite or _all_finite(out):
+        return out
+    bad = chunk[~torch.isfinite(out)]
+    value, name = float(bad[bad.abs().argmax()]), str(dtype).removeprefix("torch.")
+    if not allow_overflow:
+        if not math.isfinite(value):  # the fold itself went beyond float32
+            made, advice = "after folding, beyond float32 too", "smaller scales"
+        else:
+            made = "after folding" if not task.copies else "converted from the source's dtype"
+            advice = {"float16": "--dtype bfloat16 or float32", "bfloat16": "--dtype float32"}.get(name, "smaller scales")
+        raise RecipeError(f"{task.name}: value {value:.6g} is beyond the {name} range (+-{torch.finfo(dtype).max:g}) "
+                          f"{made}; choose {advice}, or pass --allow-overflow to write it as +-inf")
+    log.warning("warning: %s: value %.6g is beyond the %s range; written as +-inf (--allow-overflow)", task.name,
+                value, name)
+    return out
     bad = chunk[lost]
     value, name = float(bad[bad.abs().argmax()]), str(dtype).removeprefix("torch.")
     if not allow_overflow:

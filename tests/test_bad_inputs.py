@@ -821,6 +821,19 @@ def test_overflow_beside_nan_of_the_source_is_still_refused(llama_sources, tmp_p
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_fold_beyond_float32_beside_nan_of_the_source_is_refused(llama_sources, tmp_path, capsys, dtype):
+    """Found by the fifth hostile pass: a fold that overflowed float32 itself, in a tensor holding NaN, was kept."""
+    name = "model.layers.1.mlp.down_proj.weight"
+    bad = _tensors(_copy(llama_sources[0], tmp_path), lambda t: t[name].view(-1)[:2].copy_(
+        torch.tensor([float("nan"), 1e6])))
+    recipe = _native(tmp_path, [bad], "[{model: 0, layer: 0}, {model: 0, layer: 1}, {model: 0, layer: 2, "
+                                      "scale: 3.0e+38}]")
+    line = _assert_one_error(*_run(_merge(tmp_path, recipe, "--dtype", dtype), capsys)[:2], name)
+    assert "after folding, beyond float32 too; choose smaller scales" in line
+    assert not (tmp_path / "out").exists()
+
+
 def test_overflow_of_a_conversion_names_it_and_a_wider_dtype(llama_sources, tmp_path, capsys):
     name = "model.layers.1.self_attn.q_proj.weight"
     bad = _tensors(_copy(llama_sources[0], tmp_path), lambda t: t[name].view(-1).__setitem__(3, 3.4e38))
