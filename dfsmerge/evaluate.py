@@ -716,16 +716,20 @@ def perplexity(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], bat
 
 def load_model(target: str, dtype: str | torch.dtype = "float32", device: str = "cpu", cache_dir: str | None = None
                ) -> tuple[torch.nn.Module, Any]:
-    """What ``dfsmerge eval`` scores: a model folder (``from_pretrained``), a recipe file (assembled in memory)
-    or any other source a recipe may name (a ``.gguf`` file, a hub ID: run as the identity recipe). A folder
-    whose tokenizer or model transformers cannot load is a :class:`RecipeError` naming the folder."""
+    """What ``dfsmerge eval`` scores: a model folder (a plain one read as every source is, by :class:`Sources`:
+    shapes checked against config.json, tokenizer before weights; a compact one by ``from_pretrained``), a recipe
+    file (assembled in memory) or any other source a recipe may name (a ``.gguf`` file, a hub ID: run as the
+    identity recipe). A folder whose tokenizer or model cannot be loaded is a :class:`RecipeError` naming it."""
     dtype, device = dtype_name(dtype), check_device(device)
     path = Path(target)
-    if (path / "config.json").is_file() and _plain_causal_lm(path):  # read as every source is: shapes checked
-        from .assemble import Sources, load_tokenizer                # against config.json, tensors one by one
+    if (path / "config.json").is_file() and _plain_causal_lm(path):
+        from .assemble import Sources
 
-        tokenizer = load_tokenizer(path)  # before the weights
-        return Sources([target], dtype=dtype, device=device, cache_dir=cache_dir).model(target), tokenizer
+        sources = Sources([target], dtype=dtype, device=device, cache_dir=cache_dir)
+        model, tokenizer = sources.model(target), sources.tokenizer(target)
+        if tokenizer is None:
+            raise RecipeError(f"{target}: has no tokenizer files; the evaluators score text with it")
+        return model, tokenizer
     if (path / "config.json").is_file():  # a compact DFS folder: its own classes, through transformers
         from transformers import AutoModelForCausalLM
 

@@ -540,16 +540,6 @@ def _cast(chunk: torch.Tensor, dtype: torch.dtype, task: TensorTask, nonfinite: 
     log.warning("warning: %s: value %.6g is beyond the %s range; written as +-inf (--allow-overflow)", task.name,
                 value, name)
     return out
-    bad = chunk[lost]
-    value, name = float(bad[bad.abs().argmax()]), str(dtype).removeprefix("torch.")
-    if not allow_overflow:
-        wider = {"float16": "--dtype bfloat16 or float32, ", "bfloat16": "--dtype float32, "}.get(name, "smaller scales ")
-        made = "after folding" if not task.copies else "converted from the source's dtype"
-        raise RecipeError(f"{task.name}: value {value:.6g} is beyond the {name} range (+-{torch.finfo(dtype).max:g}) "
-                          f"{made}; choose {wider}or pass --allow-overflow to write it as +-inf")
-    log.warning("warning: %s: value %.6g is beyond the %s range; written as +-inf (--allow-overflow)", task.name,
-                value, name)
-    return out
 
 
 def write_metadata(folder: Path, plan: Plan, checkpoints: Sequence[Checkpoint | None], command: str,
