@@ -950,8 +950,9 @@ def evolve(config: SearchConfig, out: str | os.PathLike, storage: str | None = N
     ``study_name`` to share the work. Prints one line per trial and a final table unless ``quiet``."""
     out = _run_folder(out, config)
     storage = storage or f"sqlite:///{out / 'study.db'}"
-    if _sqlite_file(storage) is not None:
-        check_apart(_sqlite_file(storage), [s.path for s in config.sources], "storage")
+    database = _sqlite_file(storage)
+    if database is not None:
+        check_apart(database, [s.path for s in config.sources], "storage")
     study_name = study_name or out.name
     space = SearchSpace(config)
     created = not out.exists()
