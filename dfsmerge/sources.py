@@ -194,10 +194,13 @@ class Checkpoint:
         ``get(name).to(device, dtype)``: the zero-copy view when that changes nothing. A tensor that is converted
         or moved and lies in a file is read from it in pieces of about 64 MB into the new tensor, so neither a
         second whole copy of it nor the file's pages stay in memory (a mapped view's pages would, until the
-        checkpoint is closed)."""
+        checkpoint is closed). On the meta device, a tensor of a safetensors file is not read (its header gives
+        its shape)."""
         import torch
 
         stored = self.stored(name)
+        if stored is not None and torch.device(device).type == "meta":
+            return torch.empty(stored.shape, dtype=dtype, device="meta")
         if stored is None:
             tensor = self.get(name)
             return tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None)

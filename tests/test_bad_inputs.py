@@ -942,3 +942,21 @@ def test_a_second_interrupt_during_cleanup_waits_until_the_temporary_folder_is_g
     with pytest.raises(KeyboardInterrupt):
         merge_module.merge(_native(tmp_path, llama_sources[:2]), tmp_path / "out", quiet=True)
     assert removed and not any(p.name.startswith(".out.dfsmerge-tmp-") for p in tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("broken", ["shape", "truncated", "tokenizer"])
+def test_eval_checks_every_model_before_scoring_the_first(llama_sources, tmp_path, capsys, broken):
+    """``eval GOOD BAD``: BAD is found before GOOD is scored (found by the fifth hostile pass: GOOD was scored,
+    its line printed, then BAD failed)."""
+    bad = _copy(llama_sources[1], tmp_path)
+    if broken == "shape":
+        _config(bad, vocab_size=66)
+    elif broken == "truncated":
+        _cut(bad / "model.safetensors")
+    else:
+        _bytes(bad / "tokenizer.json", b"{not json")
+    data = _text(tmp_path / "d.jsonl", '{"text": "the cat sat"}\n')
+    code = main([str(a) for a in ["eval", llama_sources[0], bad, "--data", data]])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == ""
+    assert err.count("error:") == 1 and str(bad) in err and "Traceback" not in err
