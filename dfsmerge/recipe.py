@@ -231,6 +231,9 @@ def _refuse(loader: yaml.SafeLoader, suffix: str, node: yaml.Node) -> None:
     )
 
 
+# YAML 1.2 reads 1e5 and 2E-3 as numbers; PyYAML's YAML 1.1 resolver (a float needs a dot) reads them as text
+_RecipeLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
+                                    list("-+0123456789"))
 _RecipeLoader.add_constructor("tag:yaml.org,2002:int", _RecipeLoader.construct_yaml_int)
 _RecipeLoader.add_constructor("tag:yaml.org,2002:float", _RecipeLoader.construct_yaml_float)
 _RecipeLoader.add_constructor("tag:yaml.org,2002:python/tuple", _construct_tuple)

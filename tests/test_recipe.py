@@ -49,6 +49,16 @@ def test_last_layer_scale_is_a_scale_not_a_bias(tmp_path):
     assert last.scale == pytest.approx(0.7) and not last.has_bias
 
 
+def test_exponents_without_a_dot_are_numbers_as_in_yaml_1_2(tmp_path):
+    """PyYAML (YAML 1.1) reads ``5e-1`` as text; the hostile pass found ``scale: 1e5`` refused as "not a number"."""
+    recipe = load_recipe(_write(tmp_path, LEGACY.replace("[0.5, 1.0, 2.0]", "[5e-1, 1E0, 2e+0]")
+                                + "last_layer_scale: 7e-1\n"))
+    assert [h.transform.scale for h in recipe.hops][:3] == [0.5, 2.0, 3.0]
+    assert recipe.hops[-1].transform.scale == pytest.approx(0.7)
+    assert load_yaml("a: 1_0e2\nb: e5\nc: 12\n", "x.yml") == {"a": 1000.0, "b": "e5", "c": 12}
+    assert yaml.safe_load("a: 1e5") == {"a": "1e5"}  # PyYAML's own loader is left as it is
+
+
 def test_add_last_layer_false(tmp_path):
     recipe = load_recipe(_write(tmp_path, LEGACY + "add_last_layer: false\n"))
     assert len(recipe.hops) == 5
