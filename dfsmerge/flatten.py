@@ -142,6 +142,7 @@ def flatten(
     parse_size(max_shard_size)
     target = check_target(output_path, force, [input_path])
     recipe, virtual = read_dfs_checkpoint(input_path, cache_dir)
+    virtual.check_tokenizer_files("input")  # the output copies them
     dtype = dtype_name(dtype or virtual.config.get("dtype") or virtual.config.get("torch_dtype") or "bfloat16")
     inputs = [input_path] + ([virtual.folder] if virtual.folder else [])
     with atomic_folder(target, force, inputs) as tmp:

@@ -45,6 +45,7 @@ def open_sources(plan: Plan, cache_dir: str | None = None) -> list[Checkpoint | 
     for i, checkpoint in enumerate(checkpoints):
         if checkpoint is not None:
             checkpoint.check_shapes(((t.src_name, t.shape) for t in plan.tasks if t.model == i), f"models[{i}]")
+    checkpoints[recipe.input_model].check_tokenizer_files(f"models[{recipe.input_model}]")  # the output copies them
     return checkpoints
 
 

@@ -223,6 +223,25 @@ class Checkpoint:
             return []
         return [self.folder / f for f in TOKENIZER_FILES if (self.folder / f).is_file()]
 
+    def check_tokenizer_files(self, where: str) -> None:
+        """Raise ``RecipeError`` naming ``where`` and the file when a tokenizer file an output would copy cannot
+        be read: a ``.json`` one that is not a UTF-8 JSON object, a ``tokenizer.json`` that the ``tokenizers``
+        library (transformers' fast tokenizers) refuses. Reads no weights."""
+        for file in self.tokenizer_files():
+            if file.suffix != ".json":
+                continue
+            try:
+                doc = json.loads(file.read_bytes())
+                if not isinstance(doc, dict):
+                    raise ValueError(f"expected a JSON object, got {type(doc).__name__}")
+                if file.name == "tokenizer.json":
+                    from tokenizers import Tokenizer
+
+                    Tokenizer.from_file(str(file))
+            except Exception as exc:  # json's, UnicodeDecodeError, the tokenizers library's own (a plain Exception)
+                raise RecipeError(f"{where}: {file}: not a tokenizer file transformers can read: "
+                                  f"{type(exc).__name__}: {brief(str(exc))}") from None
+
 
 _SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
 

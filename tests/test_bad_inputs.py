@@ -204,6 +204,19 @@ CASES = [
          "search.scales: expected [low, high] with 0 <= low < high <= 1000"),
     Case("search-scales-nan", "recipe", lambda w, s: ["evolve", _search(w, s, extra="  scales: [.nan, 1]\n"),
                                                       "--out", w / "run", "--quiet"], "search.scales"),
+    # the input model's tokenizer files, which an output copies: checked before any weight is read
+    Case("merge-tokenizer-json-garbage", "options", lambda w, s: _merge(w, _native(w, [_bytes(
+        _copy(s[0], w) / "tokenizer.json", b"garbage").parent, s[1]])),
+         "/bad/tokenizer.json: not a tokenizer file transformers can read: JSONDecodeError"),
+    Case("merge-tokenizer-json-not-a-tokenizer", "options", lambda w, s: _merge(w, _native(w, [_text(
+        _copy(s[0], w) / "tokenizer.json", '{"model": 5}').parent, s[1]])),
+         "/bad/tokenizer.json: not a tokenizer file transformers can read: Exception"),
+    Case("merge-tokenizer-config-a-list", "options", lambda w, s: _merge(w, _native(w, [_text(
+        _copy(s[0], w) / "tokenizer_config.json", "[1, 2]").parent, s[1]])),
+         "/bad/tokenizer_config.json: not a tokenizer file transformers can read: ValueError: 'expected a JSON object"),
+    Case("flatten-tokenizer-json-garbage", "options", lambda w, s: ["flatten", _bytes(
+        _compact(s[0], w) / "tokenizer.json", b"\xff\xfe").parent, w / "out", "--quiet"],
+         "/compact/tokenizer.json: not a tokenizer file transformers can read: JSONDecodeError"),
     # (end of the hostile pass's block)
     Case("duplicate-key", "recipe", lambda w, s: _merge(w, _text(
         w / "r.yml", f"models: [{s[0]}]\nhops: [{{layer: 0}}]\nhops: [{{layer: 1}}]\n")), "duplicate key 'hops'"),
