@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from .families import FAMILIES
 from .lm_eval_bridge import HarnessTasks, harness_model, harness_tasks
 from .plan import check_device, dtype_name, torch_dtype
-from .recipe import RecipeError, brief
+from .recipe import RecipeError, brief, read_file
 
 __all__ = ["Evaluator", "Chunk", "Loglik", "Choice", "Generate", "LmEval", "PythonEvaluator", "Objective",
            "WeightedEvaluator", "Text", "load_jsonl", "read_jsonl", "split_examples", "make_evaluators",
@@ -78,7 +78,7 @@ def read_jsonl(path: str | Path, max_examples: int | None = None,
     """:func:`load_jsonl`'s examples with where each comes from, ``(file:line, example)``."""
     examples: list[tuple[str, Any]] = []
     try:
-        lines = Path(path).read_bytes().split(b"\n")
+        lines = read_file(path).split(b"\n")
     except OSError as exc:
         raise RecipeError(f"{where}.data: cannot read {path}: {exc.strerror}") from None
     kinds = dict(required) if isinstance(required, Mapping) else dict.fromkeys(required, object)

@@ -13,6 +13,7 @@ import math
 import os
 import re
 import reprlib
+import stat
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "RecipeError",
+    "read_file",
     "is_tensor",
     "brief",
     "did_you_mean",
@@ -470,12 +472,29 @@ def _describe(value: float | torch.Tensor) -> str:
 # ---------------------------------------------------------------------------------------------------- parsing
 
 
+def read_file(path: str | os.PathLike) -> bytes:
+    """The bytes of a file a user names (a recipe, a search file, evaluator data). Anything but a regular file
+    (a folder, a device, a pipe, a socket) is refused before a byte is read: ``OSError`` whose ``strerror`` is
+    "not a regular file" (``/dev/zero`` would never end; a FIFO would block until something writes to it, so the
+    file is opened without waiting, then checked)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a folder" if stat.S_ISDIR(mode) else "a device, pipe or socket"
+            raise OSError(0, f"not a regular file ({kind})", str(path))
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read()
+    finally:
+        os.close(fd)
+
+
 def load_recipe(path: str | os.PathLike) -> Recipe:
     """Read a recipe file (legacy or native format, UTF-8). Relative local model paths are taken relative to the
     recipe file when they exist there. Raises :class:`RecipeError` naming the file or the field."""
     path = Path(path)
     try:
-        data = path.read_bytes()
+        data = read_file(path)
     except OSError as exc:
         raise RecipeError(f"{path}: cannot read the recipe: {exc.strerror}") from None
     recipe = parse_recipe(load_yaml(data, str(path)))

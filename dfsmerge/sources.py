@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable
 
 from .plan import torch_dtype
-from .recipe import RecipeError, Source, brief, looks_local
+from .recipe import RecipeError, Source, brief, looks_local, read_file
 
 if TYPE_CHECKING:
     import torch
@@ -77,7 +78,7 @@ def read_config(source: Source, cache_dir: str | None = None) -> dict:
 
 def _read_json(file: Path) -> object:
     try:
-        data = file.read_bytes()
+        data = read_file(file)
     except OSError as exc:
         raise RecipeError(f"{file}: cannot read it: {exc.strerror}") from None
     try:
@@ -219,28 +220,33 @@ class Checkpoint:
         return out
 
     def tokenizer_files(self) -> list[Path]:
+        """The tokenizer files beside the weights (any entry of such a name, a folder or a broken link too)."""
         if self.folder is None:
             return []
-        return [self.folder / f for f in TOKENIZER_FILES if (self.folder / f).is_file()]
+        return [self.folder / f for f in TOKENIZER_FILES if os.path.lexists(self.folder / f)]
 
     def check_tokenizer_files(self, where: str) -> None:
         """Raise ``RecipeError`` naming ``where`` and the file when a tokenizer file an output would copy cannot
-        be read: a ``.json`` one that is not a UTF-8 JSON object, a ``tokenizer.json`` that the ``tokenizers``
-        library (transformers' fast tokenizers) refuses. Reads no weights."""
+        be read as the writer reads it: not a regular file, a ``.json`` one that is not a UTF-8 JSON object
+        (:func:`_read_json`), a ``tokenizer_class`` that is not a name, a ``tokenizer.json`` that the
+        ``tokenizers`` library (transformers' fast tokenizers) refuses. Reads no weights."""
         for file in self.tokenizer_files():
-            if file.suffix != ".json":
-                continue
-            try:
-                doc = json.loads(file.read_bytes())
+            problem = "not a regular file" if not file.is_file() else None
+            if problem is None and file.suffix == ".json":
+                doc = _read_json(file)
                 if not isinstance(doc, dict):
-                    raise ValueError(f"expected a JSON object, got {type(doc).__name__}")
-                if file.name == "tokenizer.json":
-                    from tokenizers import Tokenizer
+                    problem = f"expected a JSON object, got {type(doc).__name__}"
+                elif not isinstance(doc.get("tokenizer_class", ""), str):
+                    problem = f"tokenizer_class: expected a class name, got {brief(doc['tokenizer_class'])}"
+            if problem is None and file.name == "tokenizer.json":
+                from tokenizers import Tokenizer
 
+                try:
                     Tokenizer.from_file(str(file))
-            except Exception as exc:  # json's, UnicodeDecodeError, the tokenizers library's own (a plain Exception)
-                raise RecipeError(f"{where}: {file}: not a tokenizer file transformers can read: "
-                                  f"{type(exc).__name__}: {brief(str(exc))}") from None
+                except Exception as exc:  # the tokenizers library raises plain Exceptions
+                    problem = f"{type(exc).__name__}: {brief(str(exc))}"
+            if problem is not None:
+                raise RecipeError(f"{where}: {file}: not a tokenizer file transformers can read: {problem}")
 
 
 _SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}

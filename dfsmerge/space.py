@@ -34,7 +34,7 @@ from typing import Any, Iterable
 
 from .evaluate import Objective, make_objective, speed_defaults
 from .plan import check_device, compact_plan, dtype_name
-from .recipe import (Hop, Recipe, RecipeError, Source, dump_legacy, dump_native, load_yaml,
+from .recipe import (Hop, Recipe, RecipeError, Source, dump_legacy, dump_native, load_yaml, read_file,
                      parse_source, recipe_from_legacy)
 
 __all__ = ["SearchConfig", "SearchSpace", "Candidate", "Splits", "load_search", "read_search", "parse_search",
@@ -226,7 +226,7 @@ def read_search(path: str | os.PathLike) -> SearchConfig:
     """A search file parsed and checked, its sources not opened (``dfsmerge eval --search`` needs no more)."""
     path = Path(path)
     try:
-        text = path.read_bytes()  # load_yaml decodes it: a file that is not UTF-8 is an error at its line
+        text = read_file(path)  # load_yaml decodes it: a file that is not UTF-8 is an error at its line
     except OSError as exc:
         raise RecipeError(f"cannot read search file {path}: {exc.strerror}") from None
     return parse_search(load_yaml(text, str(path)), path.resolve().parent)

@@ -46,6 +46,8 @@ def _snapshot(*roots: Path) -> dict[str, str]:
                 found[str(path)] = "link:" + os.readlink(path)
             elif path.is_dir():
                 found[str(path)] = "dir"
+            elif not path.is_file():  # a FIFO: reading it would block
+                found[str(path)] = "special"
             else:
                 found[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
     return found
@@ -207,16 +209,34 @@ CASES = [
     # the input model's tokenizer files, which an output copies: checked before any weight is read
     Case("merge-tokenizer-json-garbage", "options", lambda w, s: _merge(w, _native(w, [_bytes(
         _copy(s[0], w) / "tokenizer.json", b"garbage").parent, s[1]])),
-         "/bad/tokenizer.json: not a tokenizer file transformers can read: JSONDecodeError"),
+         "/bad/tokenizer.json:1:1: not valid JSON"),
     Case("merge-tokenizer-json-not-a-tokenizer", "options", lambda w, s: _merge(w, _native(w, [_text(
         _copy(s[0], w) / "tokenizer.json", '{"model": 5}').parent, s[1]])),
          "/bad/tokenizer.json: not a tokenizer file transformers can read: Exception"),
     Case("merge-tokenizer-config-a-list", "options", lambda w, s: _merge(w, _native(w, [_text(
         _copy(s[0], w) / "tokenizer_config.json", "[1, 2]").parent, s[1]])),
-         "/bad/tokenizer_config.json: not a tokenizer file transformers can read: ValueError: 'expected a JSON object"),
+         "/bad/tokenizer_config.json: not a tokenizer file transformers can read: expected a JSON object, got list"),
     Case("flatten-tokenizer-json-garbage", "options", lambda w, s: ["flatten", _bytes(
         _compact(s[0], w) / "tokenizer.json", b"\xff\xfe").parent, w / "out", "--quiet"],
-         "/compact/tokenizer.json: not a tokenizer file transformers can read: JSONDecodeError"),
+         "/compact/tokenizer.json: not UTF-8 text"),
+    Case("merge-tokenizer-json-a-folder", "options", lambda w, s: _merge(w, _native(w, [_dir(
+        _gone(_copy(s[0], w) / "tokenizer.json") / "tokenizer.json").parent, s[1]])),
+         "/bad/tokenizer.json: not a tokenizer file transformers can read: not a regular file"),
+    Case("merge-tokenizer-config-bom", "options", lambda w, s: _merge(w, _native(w, [_bytes(
+        _copy(s[0], w) / "tokenizer_config.json", b"\xef\xbb\xbf{}").parent, s[1]])),
+         "/bad/tokenizer_config.json:1:1: not valid JSON (Unexpected UTF-8 BOM"),
+    Case("merge-tokenizer-class-a-list", "options", lambda w, s: _merge(w, _native(w, [_text(
+        _copy(s[0], w) / "tokenizer_config.json", '{"tokenizer_class": ["X"]}').parent, s[1]])),
+         "tokenizer_config.json: not a tokenizer file transformers can read: tokenizer_class: expected a class name"),
+    # files that never end or block: refused before a byte is read
+    Case("recipe-a-fifo", "recipe", lambda w, s: _merge(w, _fifo(w / "r.yml")),
+         "r.yml: cannot read the recipe: not a regular file (a device, pipe or socket)"),
+    Case("recipe-dev-zero", "recipe", lambda w, s: _merge(w, Path("/dev/zero")),
+         "/dev/zero: cannot read the recipe: not a regular file"),
+    Case("search-a-fifo", "recipe", lambda w, s: ["evolve", _fifo(w / "s.yml"), "--out", w / "run", "--quiet"],
+         "cannot read search file"),
+    Case("data-dev-zero", "evaluator data", lambda w, s: ["eval", s[0], "--data", "/dev/zero"],
+         "evaluator.data: cannot read /dev/zero: not a regular file"),
     # (end of the hostile pass's block)
     Case("duplicate-key", "recipe", lambda w, s: _merge(w, _text(
         w / "r.yml", f"models: [{s[0]}]\nhops: [{{layer: 0}}]\nhops: [{{layer: 1}}]\n")), "duplicate key 'hops'"),
@@ -579,6 +599,11 @@ def _compact(source: Path, work: Path) -> Path:
     assert main(["merge", str(_native(work, [source], "[{model: 0, layer: 0}, {model: 0, layer: 1, scale: 0.5}]")),
                  str(work / "compact"), "--format", "compact", "--quiet"]) == 0
     return work / "compact"
+
+
+def _fifo(path: Path) -> Path:
+    os.mkfifo(path)
+    return path
 
 
 def _gone(file: Path) -> Path:
