@@ -737,7 +737,9 @@ def load_model(target: str, dtype: str | torch.dtype = "float32", device: str = 
         from transformers import AutoModelForCausalLM
 
         from .assemble import load_tokenizer
+        from .flatten import read_dfs_checkpoint
 
+        read_dfs_checkpoint(path)  # its hop table, weight files and transform tensors, as flatten reads them
         tokenizer = load_tokenizer(path)  # before the weights
         if check_only:
             return None

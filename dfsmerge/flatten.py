@@ -21,7 +21,7 @@ from typing import Any, Callable
 import torch
 
 from .families import Family, family_of_type
-from .plan import HOP_TRANSFORM, STORED_LAYER, Plan, dtype_name, is_classifier, make_plan
+from .plan import HOP_TRANSFORM, STORED_LAYER, Plan, compact_transforms, dtype_name, is_classifier, make_plan
 from .recipe import Hop, Recipe, RecipeError, Source, Transform
 from .sources import Checkpoint, open_checkpoint, read_config
 from .writer import atomic_folder, card_base_model, check_target, parse_size, write_metadata, write_tensors
@@ -96,7 +96,12 @@ def read_dfs_checkpoint(path: str | Path, cache_dir: str | None = None) -> tuple
         raise RecipeError(f"{path}: not a DFS checkpoint (its config.json has neither dfs_hops, ours, nor "
                           "num_hops, Sakana's layout)")
     family = family_of_type(str(config.get("model_type")), f"{path}: config.json")
+    transforms = compact_transforms(config, f"{path}: config.json") if layout is _ours else {}
     stored = open_checkpoint(source, config, cache_dir)
+    missing = [name for name in transforms if name not in stored]
+    if missing:
+        raise RecipeError(f"{path}: tensor {missing[0]!r}, which config.json's dfs_hops declares, is missing")
+    stored.check_shapes(transforms.items(), str(path))
     try:
         hops, num_layers, getters = layout(config, {n: (lambda n=n: stored.get(n)) for n in stored.names()}, family)
     except RecipeError as exc:

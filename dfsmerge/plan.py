@@ -28,7 +28,8 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = ["TensorTask", "Plan", "make_plan", "compact_plan", "is_classifier", "DTYPE_BYTES", "dtype_name",
-           "torch_dtype", "effective_config", "check_device", "STORED_LAYER", "HOP_TRANSFORM"]
+           "torch_dtype", "effective_config", "check_device", "STORED_LAYER", "HOP_TRANSFORM",
+           "compact_transforms"]
 
 STORED_LAYER = "model.dfs_layers.{u}."  # compact layout: stored layer u's tensors
 HOP_TRANSFORM = "model.dfs_transforms.{k}."  # compact layout: hop k's ``scale`` / ``bias``
@@ -329,6 +330,38 @@ def _kind(value: float | torch.Tensor, identity: float) -> str | None:
     if isinstance(value, float):
         return None if value == identity else "scalar"
     return "vector" if value.ndim == 1 else "matrix"
+
+
+def compact_transforms(config: dict, where: str) -> dict[str, tuple[int, ...]]:
+    """Check a compact config's hop table against itself (the layout :func:`compact_plan` writes) and return the
+    shapes of the transform tensors it declares, by name: ``dfs_layers`` a list of ``[model, layer]``,
+    ``dfs_hops`` a non-empty list of ``[stored layer, scale kind, bias kind]`` (kinds None, ``scalar``, ``vector``
+    or ``matrix``) that runs every stored layer, ``num_hidden_layers`` its length. Raises RecipeError naming
+    ``where`` (e.g. ``FOLDER: config.json``) and the entry. Reads no weights."""
+    layers, hops, hidden = config.get("dfs_layers"), config.get("dfs_hops"), config.get("hidden_size")
+    if not isinstance(layers, list) or not all(isinstance(x, list) and len(x) == 2 for x in layers):
+        raise RecipeError(f"{where}: dfs_layers: expected a list of [model, layer] pairs, got {brief(layers)}")
+    if not isinstance(hops, list) or not hops or not all(isinstance(h, list) and len(h) == 3 for h in hops):
+        raise RecipeError(f"{where}: dfs_hops: expected a list of [stored layer, scale kind, bias kind], got "
+                          f"{brief(hops)}")
+    kinds = {None: None, "scalar": (), "vector": (hidden,), "matrix": (hidden, hidden)}
+    shapes = {}
+    for k, (u, scale, bias) in enumerate(hops):
+        if type(u) is not int or not 0 <= u < len(layers):
+            raise RecipeError(f"{where}: dfs_hops[{k}]: expected a stored layer in [0, {len(layers)}), got {brief(u)}")
+        for part, kind in (("scale", scale), ("bias", bias)):
+            if kind not in kinds:
+                raise RecipeError(f"{where}: dfs_hops[{k}]: {part} kind: expected one of {list(kinds)}, got "
+                                  f"{brief(kind)}")
+            if kind is not None:
+                shapes[HOP_TRANSFORM.format(k=k) + part] = kinds[kind]
+    unused = sorted(set(range(len(layers))) - {u for u, _, _ in hops})
+    if unused:
+        raise RecipeError(f"{where}: dfs_layers: stored layer {unused[0]} is run by no hop of dfs_hops")
+    if config.get("num_hidden_layers") != len(hops):
+        raise RecipeError(f"{where}: num_hidden_layers: expected {len(hops)}, the number of hops in dfs_hops, got "
+                          f"{brief(config.get('num_hidden_layers'))}")
+    return shapes
 
 
 def compact_plan(recipe: Recipe, configs: list[dict], dtype: str | torch.dtype = "bfloat16") -> Plan:

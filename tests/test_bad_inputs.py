@@ -366,6 +366,25 @@ CASES = [
         "eval", _tensors(_compact(s[0], w), lambda t: t.pop("model.dfs_layers.0.self_attn.q_proj.weight")),
         "--data", _text(w / "d.jsonl", '{"text": "the cat"}\n')],
          "1 tensor(s) the config describes are missing from the weights, e.g. 'model.dfs_layers.0.self_attn.q_proj"),
+    # a compact folder whose hop table disagrees with itself or its tensors: one line, from eval and flatten alike
+    Case("eval-compact-hops-garbage", "weights", lambda w, s: [
+        "eval", _config(_compact(s[0], w), dfs_hops="garbage"), "--data", _text(w / "d.jsonl", '{"text": "a b"}\n')],
+         "compact: config.json: dfs_hops: expected a list of [stored layer, scale kind, bias kind]"),
+    Case("flatten-compact-hop-out-of-range", "weights", lambda w, s: [
+        "flatten", _config(_compact(s[0], w), dfs_hops=[[0, None, None], [5, "scalar", None]]), w / "out"],
+         "compact: config.json: dfs_hops[1]: expected a stored layer in [0, 2), got 5"),
+    Case("eval-compact-num-hidden-layers", "weights", lambda w, s: [
+        "eval", _config(_compact(s[0], w), num_hidden_layers=1), "--data", _text(w / "d.jsonl", '{"text": "a b"}\n')],
+         "compact: config.json: num_hidden_layers: expected 2, the number of hops in dfs_hops, got 1"),
+    Case("flatten-compact-transform-missing", "weights", lambda w, s: [
+        "flatten", _tensors(_compact(s[0], w), lambda t: t.pop("model.dfs_transforms.1.scale")), w / "out"],
+         "tensor 'model.dfs_transforms.1.scale', which config.json's dfs_hops declares, is missing"),
+    Case("flatten-compact-kind-disagrees", "weights", lambda w, s: [
+        "flatten", _config(_compact(s[0], w), dfs_hops=[[0, None, None], [1, "vector", None]]), w / "out"],
+         "tensor 'model.dfs_transforms.1.scale' has shape (), the config says (64,)"),
+    Case("eval-good-then-truncated-compact", "weights", lambda w, s: [
+        "eval", s[0], _cut(_compact(s[0], w) / "model.safetensors"), "--data",
+        _text(w / "d.jsonl", '{"text": "a b"}\n')], "compact/model.safetensors: cannot open safetensors file"),
     Case("eval-integer-weight", "weights", lambda w, s: [  # found by the fifth hostile pass (a traceback)
         "eval", _tensors(_copy(s[0], w), lambda t: t.update({k: t[k].to(torch.int16) for k in [
             "model.layers.0.input_layernorm.weight"]})), "--data", _text(w / "d.jsonl", '{"text": "the cat"}\n')],
