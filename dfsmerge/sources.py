@@ -71,6 +71,8 @@ def read_config(source: Source, cache_dir: str | None = None) -> dict:
     folder = _local(source)
     if folder is None:
         folder = _hub_download(source, ["config.json"], cache_dir)
+    elif not folder.is_dir():
+        raise RecipeError(f"{source}: expected a model folder, a .gguf file or a hub ID, got a file")
     elif not (folder / "config.json").is_file():
         raise RecipeError(f"{source}: folder has no config.json")
     return check_config(_read_json(folder / "config.json"), f"{source}: config.json")

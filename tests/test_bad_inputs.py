@@ -385,6 +385,9 @@ CASES = [
     Case("eval-good-then-truncated-compact", "weights", lambda w, s: [
         "eval", s[0], _cut(_compact(s[0], w) / "model.safetensors"), "--data",
         _text(w / "d.jsonl", '{"text": "a b"}\n')], "compact/model.safetensors: cannot open safetensors file"),
+    Case("eval-a-weights-file", "weights", lambda w, s: [
+        "eval", s[0] / "model.safetensors", "--data", _text(w / "d.jsonl", '{"text": "a b"}\n')],
+         "model.safetensors: expected a model folder, a .gguf file or a hub ID, got a file"),
     Case("eval-integer-weight", "weights", lambda w, s: [  # found by the fifth hostile pass (a traceback)
         "eval", _tensors(_copy(s[0], w), lambda t: t.update({k: t[k].to(torch.int16) for k in [
             "model.layers.0.input_layernorm.weight"]})), "--data", _text(w / "d.jsonl", '{"text": "the cat"}\n')],
