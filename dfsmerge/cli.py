@@ -169,8 +169,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     evaluator, _ = make_evaluators(spec, device=args.device)
     width = max(len(t) for t in args.models)
     extra = "  perplexity" if isinstance(evaluator, Loglik) else ""
-    for target in args.models:  # every target checked before the first is scored
-        load_model(target, args.dtype or defaults["dtype"], args.device, args.cache_dir, check_only=True)
+    for target in args.models:  # every target, and the data with its tokenizer, checked before the first is scored
+        evaluator.prepared(load_model(target, args.dtype or defaults["dtype"], args.device, args.cache_dir,
+                                      check_only=True))
     print(f"{'model':<{width}}  {evaluator.metric:>12}{extra}  ({len(evaluator.examples)} examples)")
     for target in args.models:
         model, tokenizer = load_model(target, args.dtype or defaults["dtype"], args.device, args.cache_dir)
@@ -193,9 +194,11 @@ def _eval_search(args: argparse.Namespace) -> None:
     sizes = splits.sizes()
     dtype = args.dtype or config.dtype
     width = max(len(t) for t in args.models + ["model"])
+    for target in args.models:  # every target, and the data with its tokenizer, checked before the first is scored
+        tokenizer = load_model(target, dtype, args.device, args.cache_dir, check_only=True)
+        for evaluator in splits.evaluators():
+            evaluator.prepared(tokenizer)
     print(f"{args.search}: {dtype}; examples " + ", ".join(f"{name} {n}" for name, n in sizes.items()))
-    for target in args.models:  # every target checked before the first is scored
-        load_model(target, dtype, args.device, args.cache_dir, check_only=True)
     print(f"{'model':<{width}}" + "".join(f"  {name:>12}" for name in sizes))
     for target in args.models:
         model, tokenizer = load_model(target, dtype, args.device, args.cache_dir)

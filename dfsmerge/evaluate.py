@@ -715,13 +715,14 @@ def perplexity(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], bat
 
 
 def load_model(target: str, dtype: str | torch.dtype = "float32", device: str = "cpu", cache_dir: str | None = None,
-               check_only: bool = False) -> tuple[torch.nn.Module, Any] | None:
+               check_only: bool = False) -> tuple[torch.nn.Module, Any] | Any:
     """What ``dfsmerge eval`` scores: a model folder (a plain one read as every source is, by :class:`Sources`:
     shapes checked against config.json, tokenizer before weights; a compact one by ``from_pretrained``), a recipe
     file (assembled in memory) or any other source a recipe may name (a ``.gguf`` file, a hub ID: run as the
     identity recipe). A folder whose tokenizer or model cannot be loaded is a :class:`RecipeError` naming it.
     ``check_only``: read all but the weights (configs, tokenizer, recipe, weight files' headers; the model is
-    placed on the meta device) and return None, so that ``eval`` finds a broken target before scoring any."""
+    placed on the meta device) and return the tokenizer alone, so that ``eval`` finds a broken target (or data
+    that its tokenizer leaves nothing to score in) before scoring any."""
     dtype, device = dtype_name(dtype), check_device(device)
     device = "meta" if check_only else device
     path = Path(target)
@@ -732,7 +733,7 @@ def load_model(target: str, dtype: str | torch.dtype = "float32", device: str = 
         model, tokenizer = sources.model(target), sources.tokenizer(target)
         if tokenizer is None:
             raise RecipeError(f"{target}: has no tokenizer files; the evaluators score text with it")
-        return None if check_only else (model, tokenizer)
+        return tokenizer if check_only else (model, tokenizer)
     if (path / "config.json").is_file():  # a compact DFS folder: its own classes, through transformers
         from transformers import AutoModelForCausalLM
 
@@ -742,7 +743,7 @@ def load_model(target: str, dtype: str | torch.dtype = "float32", device: str = 
         read_dfs_checkpoint(path)  # its hop table, weight files and transform tensors, as flatten reads them
         tokenizer = load_tokenizer(path)  # before the weights
         if check_only:
-            return None
+            return tokenizer
         try:
             model, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype),
                                                                output_loading_info=True)
@@ -768,7 +769,7 @@ def load_model(target: str, dtype: str | torch.dtype = "float32", device: str = 
     if tokenizer is None:
         raise RecipeError(f"{target}: its input model {recipe.sources[recipe.input_model]} has no tokenizer files; "
                           "the evaluators score text with it")
-    return None if check_only else (model, tokenizer)
+    return tokenizer if check_only else (model, tokenizer)
 
 
 def _plain_causal_lm(folder: Path) -> bool:

@@ -245,6 +245,11 @@ class Splits:
     def validated(self) -> bool:
         return any(p.held_out is not None for p in self.objective.parts)
 
+    def evaluators(self) -> list[Any]:
+        """Every evaluator of the three splits (``evaluate.Evaluator``s)."""
+        return [e for objective in (self.objective, self.test) if objective is not None
+                for p in objective.parts for e in (p.search, p.held_out) if e is not None]
+
     def sizes(self) -> dict[str, int]:
         """Examples per split."""
         parts = self.objective.parts

@@ -1004,7 +1004,7 @@ def test_a_second_interrupt_during_cleanup_waits_until_the_temporary_folder_is_g
     assert removed and not any(p.name.startswith(".out.dfsmerge-tmp-") for p in tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("broken", ["shape", "truncated", "tokenizer"])
+@pytest.mark.parametrize("broken", ["shape", "truncated", "tokenizer", "data", "search-data"])
 def test_eval_checks_every_model_before_scoring_the_first(llama_sources, tmp_path, capsys, broken):
     """``eval GOOD BAD``: BAD is found before GOOD is scored (found by the fifth hostile pass: GOOD was scored,
     its line printed, then BAD failed)."""
@@ -1013,10 +1013,15 @@ def test_eval_checks_every_model_before_scoring_the_first(llama_sources, tmp_pat
         _config(bad, vocab_size=66)
     elif broken == "truncated":
         _cut(bad / "model.safetensors")
-    else:
+    elif broken == "tokenizer":
         _bytes(bad / "tokenizer.json", b"{not json")
+    else:  # a tokenizer that reads the whole text as one unknown word: nothing to score in it
+        tokenizer = json.loads((bad / "tokenizer.json").read_text())
+        (bad / "tokenizer.json").write_text(json.dumps({**tokenizer, "pre_tokenizer": None}))
     data = _text(tmp_path / "d.jsonl", '{"text": "the cat sat"}\n')
-    code = main([str(a) for a in ["eval", llama_sources[0], bad, "--data", data]])
+    where = ["--data", data] if broken != "search-data" else ["--search", _search(tmp_path, llama_sources)]
+    code = main([str(a) for a in ["eval", llama_sources[0], bad, *where]])
     out, err = capsys.readouterr()
     assert code == 2 and out == ""
-    assert err.count("error:") == 1 and str(bad) in err and "Traceback" not in err
+    assert err.count("error:") == 1 and "Traceback" not in err
+    assert str(bad) in err or "expected text with at least 2 tokens" in err
