@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from .families import FAMILIES
 from .lm_eval_bridge import HarnessTasks, harness_model, harness_tasks
 from .plan import check_device, dtype_name, torch_dtype
-from .recipe import RecipeError, brief, read_file
+from .recipe import RecipeError, brief, check_integer, check_number, read_file
 
 __all__ = ["Evaluator", "Chunk", "Loglik", "Choice", "Generate", "LmEval", "PythonEvaluator", "Objective",
            "WeightedEvaluator", "Text", "load_jsonl", "read_jsonl", "split_examples", "make_evaluators",
@@ -562,8 +562,8 @@ _KEYS = {
 def _check_integers(spec: dict, where: str) -> None:
     for key, low in (("max_examples", 1), ("batch_size", 1), ("max_length", 2), ("max_new_tokens", 1),
                      ("chunk_size", 1), ("num_fewshot", 0)):
-        if key in spec and (not isinstance(spec[key], int) or isinstance(spec[key], bool) or spec[key] < low):
-            raise RecipeError(f"{where}.{key}: expected an integer >= {low}, got {spec[key]!r}")
+        if key in spec:
+            check_integer(spec[key], f"{where}.{key}", low)
 
 
 def _harness(spec: dict, base: Path, where: str) -> HarnessTasks:
@@ -577,8 +577,8 @@ def _harness(spec: dict, base: Path, where: str) -> HarnessTasks:
             raise RecipeError(f"{where}.include_path: expected a folder of task YAML files, got {include_path!r}")
         include_path = str((base / include_path).resolve())
     limit = spec.get("limit")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit <= 0):
-        raise RecipeError(f"{where}.limit: expected a count of documents per task or a fraction < 1, got {limit!r}")
+    if limit is not None:
+        check_number(limit, f"{where}.limit", "a count of documents per task or a fraction < 1", lambda x: x > 0)
     try:
         return harness_tasks(tuple(tasks), include_path, spec.get("num_fewshot"), limit)
     except RecipeError as exc:  # it names the key at fault
@@ -610,8 +610,8 @@ def make_evaluators(spec: dict, base: Path = Path("."), device: str = "cpu", whe
         raise RecipeError(f"{where}: unknown keys {unknown}; expected some of {list(_COMMON_KEYS + _KEYS[kind])}")
     _check_integers(spec, where)
     validation = spec.get("validation", 0.2)
-    if isinstance(validation, bool) or not isinstance(validation, (int, float)) or validation < 0:
-        raise RecipeError(f"{where}.validation: expected a fraction in [0, 1) or a count, got {validation!r}")
+    check_number(validation, f"{where}.validation", "a fraction in [0, 1) or a whole count",
+                 lambda x: 0 <= x < 1 or x == int(x) >= 1)
     sizes = {"batch_size": spec.get("batch_size", speed_defaults(device)["batch_size"]),
              "chunk_size": spec.get("chunk_size")}
     if kind == "lm_eval":
@@ -695,16 +695,15 @@ def make_objective(spec: dict | list, base: Path = Path("."), device: str = "cpu
     for i, item in enumerate(items):
         here = where if isinstance(spec, dict) else f"{where}[{i}]"
         search, held_out = make_evaluators(item, base, device, here)
-        weight = item.get("weight", 1)
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
-            raise RecipeError(f"{here}.weight: expected a number > 0, got {weight!r}")
+        weight = check_number(item.get("weight", 1), f"{here}.weight", "a finite number > 0", lambda x: x > 0)
         name = item.get("name", _default_name(item))
         if not isinstance(name, str) or not name or name in [p.name for p in parts]:
             raise RecipeError(f"{here}.name: expected a name no other evaluator has, got {name!r}")
-        parts.append(WeightedEvaluator(name, float(weight), search, held_out))
-    total = sum(p.weight for p in parts)
+        parts.append(WeightedEvaluator(name, weight, search, held_out))
+    top = max(p.weight for p in parts)  # divided by the largest first: a sum of weights near 1e308 stays finite
+    total = sum(p.weight / top for p in parts)
     for part in parts:
-        part.weight /= total
+        part.weight = part.weight / top / total
     return Objective(parts)
 
 

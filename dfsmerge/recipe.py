@@ -17,7 +17,7 @@ import stat
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import yaml
 
@@ -30,6 +30,8 @@ __all__ = [
     "is_tensor",
     "brief",
     "did_you_mean",
+    "check_integer",
+    "check_number",
     "Source",
     "Transform",
     "Hop",
@@ -81,6 +83,28 @@ def did_you_mean(key: Any, known: Sequence[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+def check_integer(value: Any, where: str, low: int, high: int | None = None) -> int:
+    """``value`` if it is an int (a bool is not one) in ``low..high`` (``high`` None: no upper bound); else a
+    :class:`RecipeError` ``where: expected an integer >= low`` (or ``in low..high``)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        bound = f">= {low}" if high is None else f"in {low}..{high}"
+        raise RecipeError(f"{where}: expected an integer {bound}, got {brief(value)}")
+    return value
+
+
+def check_number(value: Any, where: str, expected: str, within: Callable[[float], bool]) -> float:
+    """``value`` as a float if it is a finite int or float (a bool is not one; NaN, the infinities and ints
+    beyond float's range are refused) for which ``within`` holds; else a :class:`RecipeError`
+    ``where: expected <expected>, got <value>``."""
+    try:
+        number = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+    except OverflowError:  # an int beyond 1.8e308
+        number = math.inf
+    if not (math.isfinite(number) and within(number)):
+        raise RecipeError(f"{where}: expected {expected}, got {brief(value)}")
+    return number
+
+
 def _check_keys(doc: dict, known: Sequence[str], where: str) -> None:
     for key in doc:
         if key not in known:
@@ -96,6 +120,7 @@ def _check_keys(doc: dict, known: Sequence[str], where: str) -> None:
 MAX_DEPTH = 32
 MAX_VALUES = 20_000_000
 MAX_NUMBER_CHARS = 40
+_INT_TAG, _FLOAT_TAG = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
 
 
 class _RecipeLoader(yaml.SafeLoader):
@@ -146,18 +171,35 @@ class _RecipeLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
     def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
-        _check_number(node)
-        return super().construct_yaml_int(node)
+        digits = _number_text(self, node, _INT, "an integer (10, 0o12 or 0xA)")
+        return int(digits[2:], 8 if digits[1] == "o" else 16) if digits[:2] in ("0o", "0x") else int(digits)
 
     def construct_yaml_float(self, node: yaml.ScalarNode) -> float:
-        _check_number(node)
-        return super().construct_yaml_float(node)
+        digits = _number_text(self, node, _FLOAT, "a float (0.5, 5e-1, .inf or .nan)")
+        special = digits.lstrip("+-").lower() in (".inf", ".nan")
+        return float(digits.replace(".", "") if special else digits)  # Python spells .inf and .nan inf and nan
 
 
-def _check_number(node: yaml.ScalarNode) -> None:
-    if len(node.value) > MAX_NUMBER_CHARS:
-        raise yaml.constructor.ConstructorError(None, None, f"a number of {len(node.value)} characters (at most "
+# Numbers by the YAML 1.2 core schema (https://yaml.org/spec/1.2.2/#1032-tag-resolution), not PyYAML's YAML 1.1
+# rules: 010 is ten (1.1: octal 8), 1e5 and 1.5e3 are floats (1.1: text), 1:30 and 0b11 are text (1.1: base 60
+# and binary). Beyond 1.2, as PyYAML does, `_` may separate the digits after the first (1_000 is 1000). Matched
+# from the start to the very end (\Z: no trailing newline), by the resolvers and by the constructors alike.
+_INT = re.compile(r"(?:[-+]?[0-9][0-9_]*|0o[0-7][0-7_]*|0x[0-9a-fA-F][0-9a-fA-F_]*)\Z")
+_FLOAT = re.compile(r"(?:[-+]?(?:\.[0-9][0-9_]*|[0-9][0-9_]*(?:\.[0-9_]*)?)(?:[eE][-+]?[0-9]+)?"
+                    r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))\Z")
+
+
+def _number_text(loader: yaml.SafeLoader, node: yaml.ScalarNode, pattern: re.Pattern, expected: str) -> str:
+    """The digits of an int or float node (its ``_`` removed), which must match ``pattern`` and have at most
+    ``MAX_NUMBER_CHARS`` characters; an explicit tag (``!!int 1e0``) is held to the same rule."""
+    text = loader.construct_scalar(node)
+    if len(text) > MAX_NUMBER_CHARS:
+        raise yaml.constructor.ConstructorError(None, None, f"a number of {len(text)} characters (at most "
                                                 f"{MAX_NUMBER_CHARS})", node.start_mark)
+    if not pattern.match(text):
+        raise yaml.constructor.ConstructorError(None, None, f"{node.tag.replace('tag:yaml.org,2002:', '!!')}: "
+                                                f"expected {expected}, got {brief(text)}", node.start_mark)
+    return text.replace("_", "")
 
 
 def _expanded_size(node: yaml.Node, sizes: dict[int, tuple[int, int]], active: set[int]) -> tuple[int, int]:
@@ -233,11 +275,14 @@ def _refuse(loader: yaml.SafeLoader, suffix: str, node: yaml.Node) -> None:
     )
 
 
-# YAML 1.2 reads 1e5 and 2E-3 as numbers; PyYAML's YAML 1.1 resolver (a float needs a dot) reads them as text
-_RecipeLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
-                                    list("-+0123456789"))
-_RecipeLoader.add_constructor("tag:yaml.org,2002:int", _RecipeLoader.construct_yaml_int)
-_RecipeLoader.add_constructor("tag:yaml.org,2002:float", _RecipeLoader.construct_yaml_float)
+_RecipeLoader.yaml_implicit_resolvers = {  # SafeLoader's, less its YAML 1.1 int and float (its own left as is)
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in (_INT_TAG, _FLOAT_TAG)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_RecipeLoader.add_implicit_resolver(_INT_TAG, _INT, list("-+0123456789"))  # before float: 10 is an int
+_RecipeLoader.add_implicit_resolver(_FLOAT_TAG, _FLOAT, list("-+.0123456789"))
+_RecipeLoader.add_constructor(_INT_TAG, _RecipeLoader.construct_yaml_int)
+_RecipeLoader.add_constructor(_FLOAT_TAG, _RecipeLoader.construct_yaml_float)
 _RecipeLoader.add_constructor("tag:yaml.org,2002:python/tuple", _construct_tuple)
 _RecipeLoader.add_multi_constructor("tag:yaml.org,2002:python/object/apply:", _construct_ordered_dict)
 _RecipeLoader.add_multi_constructor("tag:yaml.org,2002:python/", _refuse)

@@ -34,8 +34,8 @@ from typing import Any, Iterable
 
 from .evaluate import Objective, make_objective, speed_defaults
 from .plan import check_device, compact_plan, dtype_name
-from .recipe import (Hop, Recipe, RecipeError, Source, dump_legacy, dump_native, load_yaml, read_file,
-                     parse_source, recipe_from_legacy)
+from .recipe import (Hop, Recipe, RecipeError, Source, check_integer, check_number, dump_legacy, dump_native,
+                     load_yaml, parse_source, read_file, recipe_from_legacy)
 
 __all__ = ["SearchConfig", "SearchSpace", "Candidate", "Splits", "load_search", "read_search", "parse_search",
            "search_evaluators", "mirror", "PERIODS"]
@@ -50,6 +50,8 @@ PRUNE_STARTUP = 2  # examples a candidate scores before the pruner may stop it (
 #                    default; bench_pruning.py, seeds 10-13: no clear gain from 16 or 30 of 60, or p 0.02 or 0.05)
 MAX_SCALE = 1000.0  # the largest scale a search may draw (CMA-ES's arithmetic overflows on ranges near 1e308)
 MAX_SLOTS = 100_000  # a search's bound on num_r x models x layers (_check_slots)
+MAX_SEED = 2**32 - 1  # NumPy's and Optuna's samplers take seeds in 0..2**32 - 1
+MAX_HEARTBEAT = 86_400  # seconds (a day): Optuna's heartbeat thread overflows on huge intervals
 PERIODS = 25  # each parameter's box spans this many mirror periods beyond each end of its range
 
 
@@ -96,12 +98,6 @@ class SearchConfig:
     def budget(self) -> int:
         """All finished trials of a complete run: the baselines and the searched ones."""
         return (len(self.sources) if self.baselines else 0) + self.trials
-
-
-def _integer(value: Any, where: str, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise RecipeError(f"{where}: expected an integer >= {low}, got {value!r}")
-    return value
 
 
 def _flag(value: Any, where: str) -> bool:
@@ -157,25 +153,23 @@ def parse_search(doc: dict, base: Path = Path(".")) -> SearchConfig:
         raise RecipeError(f"search: unknown keys {unknown}; expected some of {list(_SEARCH_KEYS)}")
     config = SearchConfig(sources=sources, evaluator=doc.get("evaluator", doc.get("evaluators")), test=doc.get("test"),
                           base=base)
-    config.num_r = _integer(doc.get("num_r", config.num_r), "num_r", 1)
+    config.num_r = check_integer(doc.get("num_r", config.num_r), "num_r", 1)
     _check_slots(config.num_r, len(sources))
     for key, attr in (("input_layer_model", "input_model"), ("output_layer_model", "output_model")):
         value = doc.get(key, 0)
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < len(sources):
             raise RecipeError(f"{key}: expected a model index in 0..{len(sources) - 1}, got {value!r}")
         setattr(config, attr, value)
-    config.population = _integer(search.get("population", config.population), "search.population", 4)
-    config.generations = _integer(search.get("generations", config.generations), "search.generations", 1)
-    config.seed = _integer(search.get("seed", config.seed), "search.seed", 0)
-    config.heartbeat = _integer(search.get("heartbeat", config.heartbeat), "search.heartbeat", 1)
+    config.population = check_integer(search.get("population", config.population), "search.population", 4)
+    config.generations = check_integer(search.get("generations", config.generations), "search.generations", 1)
+    config.seed = check_integer(search.get("seed", config.seed), "search.seed", 0, MAX_SEED)
+    config.heartbeat = check_integer(search.get("heartbeat", config.heartbeat), "search.heartbeat", 1, MAX_HEARTBEAT)
     if search.get("max_hops") is not None:
-        config.max_hops = _integer(search["max_hops"], "search.max_hops", 1)
+        config.max_hops = check_integer(search["max_hops"], "search.max_hops", 1)
     sigma0 = search.get("sigma0")
     if sigma0 is not None:
-        if isinstance(sigma0, bool) or not isinstance(sigma0, (int, float)) or not 0 < sigma0 <= 1:
-            raise RecipeError(f"search.sigma0: expected a number in (0, 1] (a fraction of each parameter's "
-                              f"range), got {sigma0!r}")
-        config.sigma0 = float(sigma0)
+        config.sigma0 = check_number(sigma0, "search.sigma0", "a number in (0, 1] (a fraction of each parameter's "
+                                     "range)", lambda x: 0 < x <= 1)
     if search.get("sampler") is not None:
         config.sampler = _choice(search["sampler"], "search.sampler", SAMPLERS)
     config.scales = _scales(search.get("scales", list(config.scales)))
