@@ -124,9 +124,10 @@ _INT_TAG, _FLOAT_TAG = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
 
 
 class _RecipeLoader(yaml.SafeLoader):
-    """SafeLoader plus the two Python tags real legacy recipes carry, refusing duplicate keys, documents
-    nested deeper than ``MAX_DEPTH``, holding more than ``MAX_VALUES`` values once aliases are expanded, and
-    numbers longer than ``MAX_NUMBER_CHARS`` characters. Nothing else is ever constructed."""
+    """SafeLoader plus the two Python tags real legacy recipes carry, with numbers by YAML 1.2 (``_INT``,
+    ``_FLOAT``), refusing duplicate keys, documents nested deeper than ``MAX_DEPTH``, holding more than
+    ``MAX_VALUES`` values once aliases are expanded, and numbers longer than ``MAX_NUMBER_CHARS`` characters or
+    not matching YAML 1.2 under an explicit ``!!int`` or ``!!float``. Nothing else is ever constructed."""
 
     def __init__(self, stream: str):
         super().__init__(stream)
@@ -281,6 +282,15 @@ _RecipeLoader.yaml_implicit_resolvers = {  # SafeLoader's, less its YAML 1.1 int
 }
 _RecipeLoader.add_implicit_resolver(_INT_TAG, _INT, list("-+0123456789"))  # before float: 10 is an int
 _RecipeLoader.add_implicit_resolver(_FLOAT_TAG, _FLOAT, list("-+.0123456789"))
+
+
+class _RecipeDumper(yaml.SafeDumper):
+    """SafeDumper that also quotes the strings YAML 1.2 reads as numbers (``08``, ``1e5``, ``0o7``), besides those
+    YAML 1.1 does (``010``, ``1:30``): what it writes reads the same by :func:`load_yaml` and ``yaml.safe_load``."""
+
+
+_RecipeDumper.add_implicit_resolver(_INT_TAG, _INT, list("-+0123456789"))  # after SafeDumper's own
+_RecipeDumper.add_implicit_resolver(_FLOAT_TAG, _FLOAT, list("-+.0123456789"))
 _RecipeLoader.add_constructor(_INT_TAG, _RecipeLoader.construct_yaml_int)
 _RecipeLoader.add_constructor(_FLOAT_TAG, _RecipeLoader.construct_yaml_float)
 _RecipeLoader.add_constructor("tag:yaml.org,2002:python/tuple", _construct_tuple)
@@ -771,7 +781,7 @@ def dump_native(recipe: Recipe) -> str:
     if recipe.classification is not None:
         doc["classification"] = recipe.classification
     doc["hops"] = hops
-    return yaml.safe_dump(doc, sort_keys=False, default_flow_style=None)
+    return yaml.dump(doc, Dumper=_RecipeDumper, sort_keys=False, default_flow_style=None)
 
 
 def dump_legacy(
@@ -796,4 +806,4 @@ def dump_legacy(
     }
     if last_layer_scale != 1.0:
         doc["last_layer_scale"] = last_layer_scale
-    return yaml.safe_dump(doc, sort_keys=False, default_flow_style=None)
+    return yaml.dump(doc, Dumper=_RecipeDumper, sort_keys=False, default_flow_style=None)

@@ -59,6 +59,47 @@ def test_exponents_without_a_dot_are_numbers_as_in_yaml_1_2(tmp_path):
     assert yaml.safe_load("a: 1e5") == {"a": "1e5"}  # PyYAML's own loader is left as it is
 
 
+def test_numbers_follow_the_yaml_1_2_core_schema():
+    """The YAML 1.2 core schema's ints and floats (https://yaml.org/spec/1.2.2/#1032-tag-resolution); PyYAML's 1.1
+    rules read 010 as 8, 1:30 as 90 and 0b11 as 3, and 1.5e3 as text (the hostile pass)."""
+    doc = load_yaml("a: 010\nb: 0o10\nc: 0x10\nd: 1.5e3\ne: -.5e-1\nf: .inf\ng: -.INF\nh: 1:30\ni: 0b11\n"
+                    "j: 1.0E2\nk: 1_000\nl: -0x10\nm: +12\nn: !!float 3\no: true\n", "x.yml")
+    assert doc == {"a": 10, "b": 8, "c": 16, "d": 1500.0, "e": -0.05, "f": float("inf"), "g": float("-inf"),
+                   "h": "1:30", "i": "0b11", "j": 100.0, "k": 1000, "l": "-0x10", "m": 12, "n": 3.0, "o": True}
+    assert [type(doc[k]) for k in "abcdn"] == [int, int, int, float, float]
+    assert load_yaml("a: .NaN\n", "x.yml")["a"] != load_yaml("a: .NaN\n", "x.yml")["a"]  # NaN
+    assert yaml.safe_load("a: 010\nb: 1:30") == {"a": 8, "b": 90}  # PyYAML's own loader is left as it is
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(st.floats(), st.integers(-(10**30), 10**30), st.booleans(), st.none(),
+                          st.text("abcxyz/-_", max_size=8)), max_size=6))
+def test_legacy_files_written_by_yaml_dump_load_as_they_were_written(values):
+    """``yaml.dump`` (PyYAML, YAML 1.1) writes the legacy format: floats as ``1.0e-05``, ``.inf``, tuples and an
+    ``OrderedDict`` tag; the numbers, flags and names it writes load as the values it was given."""
+    doc = collections.OrderedDict(model_paths=[("org/a", None)], values=values, pair=tuple(values))
+    loaded = load_yaml(yaml.dump(doc), "x.yml")
+    expected = {"model_paths": [["org/a", None]], "values": values, "pair": list(values)}
+    assert loaded.keys() == expected.keys()
+    for key in expected:
+        got, want = loaded[key], expected[key]
+        assert isinstance(got, list) and len(got) == len(want), key
+        # NaN (written .nan) equals nothing, itself included
+        assert all((g == w or g != g and w != w) and type(g) is type(w) for g, w in zip(got, want)), (key, got)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text("0123456789.:_-+eEbox", min_size=1, max_size=8))
+def test_written_recipes_quote_names_that_look_like_numbers(name):
+    """A source named ``08`` or ``1e5`` (text by YAML 1.1, a number by 1.2) is written quoted by ``dump_native``
+    and ``dump_legacy``, so both loaders read it back as the name."""
+    recipe = parse_recipe({"models": [name], "hops": [{"layer": 0}]})
+    native = dump_native(recipe)
+    legacy = dump_legacy(recipe.sources, [[[True]]], [[[1.0]]])
+    assert load_yaml(native, "x.yml")["models"] == yaml.safe_load(native)["models"] == [name]
+    assert load_yaml(legacy, "x.yml")["model_paths"] == yaml.safe_load(legacy)["model_paths"] == [[name, None]]
+
+
 def test_add_last_layer_false(tmp_path):
     recipe = load_recipe(_write(tmp_path, LEGACY + "add_last_layer: false\n"))
     assert len(recipe.hops) == 5
