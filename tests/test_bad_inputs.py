@@ -123,6 +123,13 @@ def _search(work: Path, src: list[Path], data: str = '{"text": "the cat"}\n', ev
     return path
 
 
+def _search_with(work: Path, src: list[Path], old: str, new: str, extra: str = "") -> Path:
+    """A :func:`_search` file with ``old`` replaced by ``new`` (a setting of its evaluator line, say)."""
+    path = _search(work, src, extra=extra)
+    path.write_text(path.read_text().replace(old, new))
+    return path
+
+
 def _python_search(work: Path, src: list[Path], module: str, code: str) -> Path:
     """A search file whose evaluator is ``python: <module>:score``, the module (``code``) beside it."""
     (work / f"{module}.py").write_text(code)
@@ -237,6 +244,43 @@ CASES = [
          "cannot read search file"),
     Case("data-dev-zero", "evaluator data", lambda w, s: ["eval", s[0], "--data", "/dev/zero"],
          "evaluator.data: cannot read /dev/zero: not a regular file"),
+    # found by the hostile pass: numbers by YAML 1.2, explicit tags held to it, and the search file's numbers
+    Case("yaml-int-tag-exponent", "recipe", lambda w, s: ["plan", _native(
+        w, s[:2], "[{model: 0, layer: 0, scale: !!int 1e0}]")], "r.yml:2:36: !!int: expected an integer"),
+    Case("yaml-float-tag-text", "recipe", lambda w, s: ["plan", _native(
+        w, s[:2], "[{model: 0, layer: 0, scale: !!float abc}]")], "r.yml:2:36: !!float: expected a float"),
+    Case("yaml-int-tag-empty", "recipe", lambda w, s: ["plan", _native(
+        w, s[:2], '[{model: 0, layer: 0, scale: !!int ""}]')], "r.yml:2:36: !!int: expected an integer"),
+    Case("yaml-int-tag-bare-0x", "recipe", lambda w, s: ["plan", _native(
+        w, s[:2], "[{model: 0, layer: 0, scale: !!int 0x}]")], "r.yml:2:36: !!int: expected an integer"),
+    Case("yaml-sexagesimal-is-text", "recipe", lambda w, s: ["plan", _native(
+        w, s[:2], "[{model: 0, layer: 0, scale: 1:30.5}]")], "hops[0].scale: expected a number"),
+    Case("yaml-binary-is-text", "recipe", lambda w, s: ["plan", _native(
+        w, s[:2], "[{model: 0, layer: 0, scale: 0b11}]")], "hops[0].scale: expected a number"),
+    Case("search-seed-beyond-2-32", "recipe", lambda w, s: [
+        "evolve", _search(w, s, extra="  seed: 4294967296\n"), "--out", w / "run", "--quiet"],
+         "search.seed: expected an integer in 0..4294967295"),
+    Case("eval-search-seed-huge", "recipe", lambda w, s: [
+        "eval", s[0], "--search", _search(w, s, extra=f"  seed: {10**35}\n")],
+         "search.seed: expected an integer in 0..4294967295"),
+    Case("search-heartbeat-huge", "recipe", lambda w, s: [
+        "evolve", _search(w, s, extra="  heartbeat: 99999999999999999999999\n"), "--out", w / "run", "--quiet"],
+         "search.heartbeat: expected an integer in 1..86400"),
+    Case("search-validation-nan", "recipe", lambda w, s: [
+        "evolve", _search_with(w, s, "validation: 0}", "validation: .nan}"), "--out", w / "run", "--quiet"],
+         "evaluator.validation: expected a fraction in [0, 1) or a whole count"),
+    Case("search-validation-beyond-float", "recipe", lambda w, s: [
+        "eval", s[0], "--search", _search_with(w, s, "validation: 0}", "validation: 1e400}")],
+         "evaluator.validation: expected a fraction in [0, 1) or a whole count"),
+    Case("search-weight-inf", "recipe", lambda w, s: [
+        "evolve", _search_with(w, s, "evaluator: {type: loglik, data: d.jsonl, validation: 0}",
+                               "evaluators: [{type: loglik, data: d.jsonl, validation: 0, weight: .inf}]"),
+        "--out", w / "run", "--quiet"], "evaluators[0].weight: expected a finite number > 0"),
+    Case("search-weight-beyond-float", "recipe", lambda w, s: [
+        "eval", s[0], "--search", _search_with(w, s, "evaluator: {type: loglik, data: d.jsonl, validation: 0}",
+                                               "evaluators: [{type: loglik, data: d.jsonl, validation: 0, "
+                                               "weight: 1e400}]")],
+         "evaluators[0].weight: expected a finite number > 0"),
     # (end of the hostile pass's block)
     Case("duplicate-key", "recipe", lambda w, s: _merge(w, _text(
         w / "r.yml", f"models: [{s[0]}]\nhops: [{{layer: 0}}]\nhops: [{{layer: 1}}]\n")), "duplicate key 'hops'"),
