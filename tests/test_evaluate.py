@@ -149,6 +149,8 @@ def test_python_evaluator_and_split(tmp_path):
     ({"type": "choice", "data": "d.jsonl"}, "d.jsonl:1: expected keys ['prompt', 'choices', 'answer']"),
     ({"type": "loglik", "data": "missing.jsonl"}, "evaluator.data: cannot read"),
     ({"type": "loglik", "data": "d.jsonl", "validation": 5}, "evaluator.validation: holding out 5 of 2"),
+    ({"type": "loglik", "data": "d.jsonl", "validation": 1.5}, "evaluator.validation: expected a fraction in [0, 1) "
+                                                              "or a whole count, got 1.5"),
     ({"python": "nomodule:f", "data": "d.jsonl"}, "evaluator.python: cannot import 'nomodule'"),
     ({"type": "generate", "data": "g.jsonl", "answer_regex": "("}, "evaluator.answer_regex"),
 ])
@@ -333,7 +335,7 @@ def test_weighted_objective_normalises_the_weights(tmp_path, tokenizer):
 
 @pytest.mark.parametrize("spec, message", [
     ([], "evaluators: expected a list of evaluator mappings"),
-    ([{"type": "loglik", "data": "d.jsonl", "weight": 0}], "evaluators[0].weight: expected a number > 0"),
+    ([{"type": "loglik", "data": "d.jsonl", "weight": 0}], "evaluators[0].weight: expected a finite number > 0"),
     ([{"type": "loglik", "data": "d.jsonl"}, {"type": "loglik", "data": "d.jsonl"}],
      "evaluators[1].name: expected a name no other evaluator has, got 'd'"),
     ([{"type": "loglik", "data": "d.jsonl"}, {"type": "bleu"}], "evaluators[1].type: expected one of"),
@@ -344,6 +346,15 @@ def test_objective_errors_name_the_evaluator(tmp_path, spec, message):
     with pytest.raises(RecipeError) as err:
         make_objective(spec, tmp_path)
     assert message in str(err.value)
+
+
+def test_weights_near_the_float_limit_are_normalised_without_overflow(tmp_path):
+    """Two weights of 1e308 sum beyond float's range; each is half of the objective."""
+    (tmp_path / "d.jsonl").write_text('{"text": "a"}\n{"text": "b"}\n')
+    objective = make_objective([{"type": "loglik", "data": "d.jsonl", "weight": 1e308, "validation": 0},
+                                {"type": "loglik", "data": "d.jsonl", "weight": 1e308, "validation": 0, "name": "e"}],
+                               tmp_path)
+    assert [p.weight for p in objective.parts] == [0.5, 0.5]
 
 
 def test_speed_defaults_follow_the_device(tmp_path):
