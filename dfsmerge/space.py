@@ -50,6 +50,8 @@ PRUNE_STARTUP = 2  # examples a candidate scores before the pruner may stop it (
 #                    default; bench_pruning.py, seeds 10-13: no clear gain from 16 or 30 of 60, or p 0.02 or 0.05)
 MAX_SCALE = 1000.0  # the largest scale a search may draw (CMA-ES's arithmetic overflows on ranges near 1e308)
 MAX_SLOTS = 100_000  # a search's bound on num_r x models x layers (_check_slots)
+MAX_POPULATION = 100_000  # cmaes builds its recombination weights in a Python loop over the population (1e6: 1 s;
+#                           1e30 never ended); CMA-ES's own default is 4 + 3 ln(parameters), a few dozen here
 MAX_SEED = 2**32 - 1  # NumPy's and Optuna's samplers take seeds in 0..2**32 - 1
 MAX_HEARTBEAT = 86_400  # seconds (a day): Optuna's heartbeat thread overflows on huge intervals
 PERIODS = 25  # each parameter's box spans this many mirror periods beyond each end of its range
@@ -160,7 +162,8 @@ def parse_search(doc: dict, base: Path = Path(".")) -> SearchConfig:
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < len(sources):
             raise RecipeError(f"{key}: expected a model index in 0..{len(sources) - 1}, got {value!r}")
         setattr(config, attr, value)
-    config.population = check_integer(search.get("population", config.population), "search.population", 4)
+    config.population = check_integer(search.get("population", config.population), "search.population", 4,
+                                      MAX_POPULATION)
     config.generations = check_integer(search.get("generations", config.generations), "search.generations", 1)
     config.seed = check_integer(search.get("seed", config.seed), "search.seed", 0, MAX_SEED)
     config.heartbeat = check_integer(search.get("heartbeat", config.heartbeat), "search.heartbeat", 1, MAX_HEARTBEAT)

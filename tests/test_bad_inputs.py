@@ -263,6 +263,9 @@ CASES = [
     Case("eval-search-seed-huge", "recipe", lambda w, s: [
         "eval", s[0], "--search", _search(w, s, extra=f"  seed: {10**35}\n")],
          "search.seed: expected an integer in 0..4294967295"),
+    Case("search-population-huge", "resource", lambda w, s: [  # cmaes loops over the population: never ended
+        "evolve", _search_with(w, s, "population: 4", f"population: {10**30}"), "--out", w / "run", "--quiet"],
+         "search.population: expected an integer in 4..100000", timed=True),
     Case("search-heartbeat-huge", "recipe", lambda w, s: [
         "evolve", _search(w, s, extra="  heartbeat: 99999999999999999999999\n"), "--out", w / "run", "--quiet"],
          "search.heartbeat: expected an integer in 1..86400"),
