@@ -89,7 +89,7 @@ def test_the_issue_example_parses_as_written(tmp_path):
 @pytest.mark.parametrize("change, message", [
     ({"num_r": 0}, "num_r: expected an integer >= 1, got 0"),
     ({"output_layer_model": 2}, "output_layer_model: expected a model index in 0..1, got 2"),
-    ({"search": {"population": "16"}}, "search.population: expected an integer >= 4, got '16'"),
+    ({"search": {"population": "16"}}, "search.population: expected an integer in 4..100000, got '16'"),
     ({"search": {"scales": [1.5, 0.5]}}, "search.scales: expected [low, high]"),
     ({"search": {"scale_by": "matrix"}}, "search.scale_by: expected slot or pair, got 'matrix'"),
     ({"search": {"sampler": "tpe"}}, "search.sampler: expected cmaes or sep-cmaes or random, got 'tpe'"),
