@@ -282,6 +282,12 @@ _RecipeLoader.yaml_implicit_resolvers = {  # SafeLoader's, less its YAML 1.1 int
 }
 _RecipeLoader.add_implicit_resolver(_INT_TAG, _INT, list("-+0123456789"))  # before float: 10 is an int
 _RecipeLoader.add_implicit_resolver(_FLOAT_TAG, _FLOAT, list("-+.0123456789"))
+_RecipeLoader.add_constructor(_INT_TAG, _RecipeLoader.construct_yaml_int)
+_RecipeLoader.add_constructor(_FLOAT_TAG, _RecipeLoader.construct_yaml_float)
+_RecipeLoader.add_constructor("tag:yaml.org,2002:python/tuple", _construct_tuple)
+_RecipeLoader.add_multi_constructor("tag:yaml.org,2002:python/object/apply:", _construct_ordered_dict)
+_RecipeLoader.add_multi_constructor("tag:yaml.org,2002:python/", _refuse)
+_RecipeLoader.add_multi_constructor("!", _refuse)
 
 
 class _RecipeDumper(yaml.SafeDumper):
@@ -291,12 +297,6 @@ class _RecipeDumper(yaml.SafeDumper):
 
 _RecipeDumper.add_implicit_resolver(_INT_TAG, _INT, list("-+0123456789"))  # after SafeDumper's own
 _RecipeDumper.add_implicit_resolver(_FLOAT_TAG, _FLOAT, list("-+.0123456789"))
-_RecipeLoader.add_constructor(_INT_TAG, _RecipeLoader.construct_yaml_int)
-_RecipeLoader.add_constructor(_FLOAT_TAG, _RecipeLoader.construct_yaml_float)
-_RecipeLoader.add_constructor("tag:yaml.org,2002:python/tuple", _construct_tuple)
-_RecipeLoader.add_multi_constructor("tag:yaml.org,2002:python/object/apply:", _construct_ordered_dict)
-_RecipeLoader.add_multi_constructor("tag:yaml.org,2002:python/", _refuse)
-_RecipeLoader.add_multi_constructor("!", _refuse)
 
 
 def _yaml_problem(exc: yaml.YAMLError, where: str) -> str:
