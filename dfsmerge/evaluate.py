@@ -316,8 +316,9 @@ class Evaluator:
                  on_chunk: Callable[[list[int], torch.Tensor], None] | None = None, order: int | None = None) -> float:
         """The score. ``on_chunk(example indices, their scores)`` runs after each chunk: a search reports them to
         its pruner there, and stops the scoring by raising (the rest is never scored). ``order``: see
-        :meth:`chunks` (a search shuffles per candidate, as Optuna's ``WilcoxonPruner`` advises, so that the
-        first chunk does not decide every pruning and the search does not fit it)."""
+        :meth:`chunks` (a search shuffles per generation: Optuna's ``WilcoxonPruner`` advises a new order per
+        trial, so that the search does not fit the first examples; one per generation does that too, and lets
+        CMA-ES rank the candidates it stopped on the same examples)."""
         scores = torch.full((len(self),), math.nan, dtype=torch.float64)
         with contextlib.closing(self.chunks(model, tokenizer, order)) as chunks:
             for index, values in chunks:

@@ -18,10 +18,12 @@ marks it failed and enqueues it again, once.
 The objective is the weighted sum of one or more evaluators' scores (``evaluate.Objective``). Every candidate is
 scored chunk by chunk; with ``prune`` (off by default), each example's share of the objective is reported to
 Optuna's ``WilcoxonPruner`` (step: the example's index; the values are scaled so that their mean is the objective),
-and a candidate clearly worse than the best so far on the examples scored (one-sided Wilcoxon signed-rank test, ``p
-< prune``) is stopped there. A *pruned* trial returns the mean of what it reported, an estimate of its objective, as
-the pruner's documentation advises: CMA-ES ranks it in its generation (a raised ``TrialPruned`` gives CMA-ES no
-value, and a generation in which most candidates are pruned never completes). It is marked ``pruned``, counts in the
+and a candidate clearly worse (one-sided Wilcoxon signed-rank test, ``p < prune``) on the examples scored than the
+best of the last ``population`` trials scored in full (:func:`make_pruner`: CMA-ES ranks within a generation) is
+stopped there. A *pruned* trial returns an estimate of its objective, as the pruner's documentation advises, so that
+CMA-ES ranks it in its generation (a raised ``TrialPruned`` gives CMA-ES no value: it would wait for ``population``
+candidates scored in full): the score of the trial it was compared with plus the mean difference on the examples
+it scored, which the candidates of one generation score in the same order. It is marked ``pruned``, counts in the
 budget and is never the best. Baselines are scored in full and report too, so that the pruner can compare a
 candidate with a source.
 
@@ -44,6 +46,7 @@ import shutil
 import socket
 import statistics
 import time
+import types
 import warnings
 import zlib
 from contextlib import contextmanager
@@ -281,6 +284,43 @@ def make_sampler(config: SearchConfig, space: SearchSpace) -> Any:
                            use_separable_cma=kind == "sep-cmaes")
 
 
+def make_pruner(config: SearchConfig) -> Any:
+    """Optuna's ``NopPruner`` when pruning is off; else Optuna's ``WilcoxonPruner`` (``p < config.prune``, from
+    ``config.prune_startup`` examples on) comparing a candidate with :func:`reference_trial`, the best of the last
+    ``population`` trials scored in full, instead of the best of the whole study. CMA-ES ranks a candidate within
+    its generation, and the new mean is a weighted mean of the better half (Hansen, "The CMA Evolution Strategy: A
+    Tutorial", 2016): once a generation is worse than an earlier best, comparing with that best stops nearly all
+    of it, and CMA-ES ranks it on a few examples each (``benchmarks/bench_pruning.py``: the search then stalls).
+    ``WilcoxonPruner.prune`` reads ``study.best_trial`` and ``study.direction`` only (Optuna 3.6 to 5.0)."""
+    import optuna
+
+    if not config.prune:
+        return optuna.pruners.NopPruner()
+    with warnings.catch_warnings():  # the Wilcoxon pruner is marked experimental since Optuna 3.6
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        wilcoxon = optuna.pruners.WilcoxonPruner(p_threshold=config.prune, n_startup_steps=config.prune_startup)
+
+    class RecentBestPruner(optuna.pruners.BasePruner):
+        def prune(self, study: Any, trial: Any) -> bool:
+            reference = reference_trial(study.get_trials(deepcopy=False), config.population)
+            compared = types.SimpleNamespace(best_trial=reference, direction=study.direction)
+            return reference is not None and wilcoxon.prune(compared, trial)
+
+    return RecentBestPruner()
+
+
+def reference_trial(trials: Iterable[Any], window: int) -> Any | None:
+    """What a candidate is compared with when pruning: the highest value among the last ``window`` finished
+    trials (in order of completion) scored in full with their examples reported (baselines included, pruned
+    trials not); None before the first."""
+    from optuna.trial import TrialState
+
+    full = [t for t in trials if t.state == TrialState.COMPLETE and "pruned" not in t.user_attrs
+            and t.intermediate_values]
+    full.sort(key=lambda t: (t.datetime_complete, t.number))
+    return max(full[-window:], key=lambda t: t.value, default=None)
+
+
 def _data_hashes(spec: Any, base: Path) -> dict[str, str]:
     """sha256 of every ``data`` file an evaluator section names (sections may nest)."""
     hashes: dict[str, str] = {}
@@ -341,11 +381,7 @@ def open_study(config: SearchConfig, space: SearchSpace, storage: str | Any, stu
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # progress and failures are reported by this module
     rdb = _storage(storage, config.heartbeat) if isinstance(storage, str) else storage
-    sampler = make_sampler(config, space)
-    with warnings.catch_warnings():  # the Wilcoxon pruner is marked experimental since Optuna 3.6
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        pruner = optuna.pruners.WilcoxonPruner(p_threshold=config.prune, n_startup_steps=config.prune_startup) \
-            if config.prune else optuna.pruners.NopPruner()
+    sampler, pruner = make_sampler(config, space), make_pruner(config)
     now = fingerprint(config, space)
     try:
         study = optuna.create_study(storage=rdb, study_name=study_name, direction="maximize", sampler=sampler,
@@ -546,7 +582,7 @@ def format_table(rows: list[Scores], markdown: bool = False) -> str:
 
 
 class _Pruned(Exception):
-    """A candidate the pruner stopped; ``estimate``: the mean of the shares of the objective it reported."""
+    """A candidate the pruner stopped; ``estimate``: its estimated objective (see :meth:`_Worker.score`)."""
 
     def __init__(self, estimate: float):
         super().__init__(f"pruned, estimate {estimate:.6g}")
@@ -619,8 +655,7 @@ class _Worker:
             if self.sources.tokenizer(c.sources[i]) is None:
                 raise RecipeError(f"models[{i}]: {c.sources[i].path} has no tokenizer files; a search scores text "
                                   "with the input model's tokenizer and each baseline with its own")
-        evaluators = [e for objective in (self.splits.objective, self.splits.test) if objective is not None
-                      for p in objective.parts for e in (p.search, p.held_out) if e is not None]
+        evaluators = self.splits.evaluators()
         order = [s for i, s in enumerate(c.sources) if i != c.input_model] + [c.sources[c.input_model]]
         for tokenizer in {id(t): t for t in map(self.sources.tokenizer, order) if t is not None}.values():
             for evaluator in evaluators:
@@ -728,17 +763,17 @@ class _Worker:
         example's share of the objective is reported (step: its index, counted across evaluators; value: its
         contribution times its evaluator's weight and ``total / examples of the evaluator``, so that the mean of
         all is the objective) and, after each chunk but the last, :class:`_Pruned` stops a candidate the pruner
-        finds clearly worse than the best (unless ``prune`` is false: baselines report, to be compared with, and
-        are scored in full)."""
+        finds clearly worse than :func:`reference_trial` (unless ``prune`` is false: baselines report, to be compared
+        with, and are scored in full)."""
         parts = self.splits.objective.parts
-        total, reported, scores = sum(len(p.search) for p in parts), [], []
+        total, reported, scores = sum(len(p.search) for p in parts), {}, []
         for part in parts:
             offset, scale = len(reported), part.weight * total / len(part.search)
 
             def report(index: list[int], values: Any, part: Any = part, offset: int = offset, scale: float = scale
                        ) -> None:
                 shares = (scale * part.search.contributions(index, values)).tolist()
-                reported.extend(shares)
+                reported.update(zip((offset + i for i in index), shares))
                 if self.config.prune is None:
                     return
                 with self.storage.at_once():
@@ -746,12 +781,22 @@ class _Worker:
                         trial.report(share, offset + i)
                 if prune and len(reported) < total and trial.should_prune():
                     trial.set_user_attr("examples", len(reported))
-                    raise _Pruned(statistics.fmean(reported))
+                    raise _Pruned(self._estimate(reported))
 
-            scores.append(part.search(model, tokenizer, on_chunk=report, order=trial.number))
+            # one order of the chunks per generation: the candidates CMA-ES ranks together that stop after the same
+            # chunk have scored the same examples
+            scores.append(part.search(model, tokenizer, on_chunk=report, order=trial.number // self.config.population))
         trial.set_user_attr("examples", total)
         trial.set_user_attr("scores", dict(zip(self.splits.objective.names, scores)))
         return scores
+
+    def _estimate(self, reported: dict[int, float]) -> float:
+        """A pruned candidate's estimated objective: the reference it was compared with (:func:`reference_trial`)
+        plus the mean difference from it on the examples the candidate scored (a paired estimate: the examples'
+        own difficulty, which varies more than the candidates do, cancels)."""
+        reference = reference_trial(self.study.get_trials(deepcopy=False), self.config.population)
+        shares = reference.intermediate_values
+        return reference.value + statistics.fmean(value - shares[step] for step, value in reported.items())
 
     def _best_searched(self) -> float:
         from optuna.trial import TrialState

@@ -47,7 +47,8 @@ _SEARCH_KEYS = ("population", "generations", "seed", "sampler", "sigma0", "scale
 SAMPLERS = ("cmaes", "sep-cmaes", "random")
 PRUNE_P = 0.1  # the Wilcoxon pruner's p-value threshold of `prune: true` (off by default: bench_pruning.py)
 PRUNE_STARTUP = 2  # examples a candidate scores before the pruner may stop it (Optuna's n_startup_steps and
-#                    default; bench_pruning.py, seeds 10-13: no clear gain from 16 or 30 of 60, or p 0.02 or 0.05)
+#                    default; with the reference the best trial of the whole study, bench_pruning.py on seeds 10-13
+#                    showed no clear gain from 16 or 30 of 60, or p 0.02 or 0.05)
 MAX_SCALE = 1000.0  # the largest scale a search may draw (CMA-ES's arithmetic overflows on ranges near 1e308)
 MAX_SLOTS = 100_000  # a search's bound on num_r x models x layers (_check_slots)
 MAX_POPULATION = 100_000  # cmaes builds its recombination weights in a Python loop over the population (1e6: 1 s;

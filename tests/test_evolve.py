@@ -8,6 +8,7 @@ import csv
 import glob
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -346,11 +347,13 @@ def test_the_search_finds_a_planted_recipe(tmp_path, pair):
 
 
 def test_weak_candidates_are_pruned_recorded_and_never_best(tmp_path, pair):
-    """Text sampled from source A: candidates clearly worse than the best so far (source A's baseline among
-    them: baselines report their examples and are scored in full) on the first chunks (not before
-    ``prune_startup`` examples) are stopped there with an estimate (the mean of what they reported); they are
-    marked in trials.csv with the examples they cost, and the best is a trial scored in full, even where an
-    estimate is higher."""
+    """Text sampled from source A: candidates clearly worse (one-sided Wilcoxon, p < 0.1, checked here with
+    scipy) than the best of the last ``population`` trials scored in full (source A's baseline among them:
+    baselines report their examples and are scored in full) on the first chunks (not before ``prune_startup``
+    examples) are stopped there with a paired estimate (that trial's score plus the mean difference on the
+    examples scored); they are marked in trials.csv with the examples they cost, and the best is a trial scored
+    in full, even where an estimate is higher."""
+    from scipy.stats import wilcoxon
     from transformers import AutoModelForCausalLM
 
     from dfsmerge.evolve import best_trial
@@ -374,7 +377,11 @@ def test_weak_candidates_are_pruned_recorded_and_never_best(tmp_path, pair):
         row, examples = rows[t.number], int(rows[t.number]["examples"])
         assert row["state"] == "pruned" and examples % 4 == 0 and 8 <= examples < 40
         assert len(t.intermediate_values) == examples  # each example scored was reported once
-        assert t.value == pytest.approx(sum(t.intermediate_values.values()) / examples)  # the estimate
+        earlier = sorted((u for u in full if u.datetime_complete < t.datetime_start), key=lambda u: u.datetime_complete)
+        reference = max(earlier[-4:], key=lambda u: u.value)  # one worker: what was finished when t ran
+        diff = [v - reference.intermediate_values[k] for k, v in t.intermediate_values.items()]
+        assert wilcoxon(diff, alternative="less", zero_method="zsplit").pvalue < 0.1
+        assert t.value == pytest.approx(reference.value + sum(diff) / examples, abs=1e-9)  # the estimate
     for t in full:  # the mean of the reported shares is the score
         assert rows[t.number]["state"] == "complete" and rows[t.number]["examples"] == "40"
         assert t.value == pytest.approx(sum(t.intermediate_values.values()) / 40, rel=1e-9)
@@ -386,6 +393,41 @@ def test_weak_candidates_are_pruned_recorded_and_never_best(tmp_path, pair):
     # an estimate above every full score (as a lucky first chunk could give) still is no best
     pruned[0].value = best.value + 1.0
     assert best_trial(trials) is best
+
+
+def test_the_pruner_compares_with_the_best_of_the_last_generation_scored_in_full():
+    """An old trial far better than everything since (5 of them) stays out of the comparison: a candidate clearly
+    worse than it but level with the recent ones runs on; one clearly worse than the recent best is stopped.
+    Pruned trials are never the reference."""
+    import optuna
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import TrialState, create_trial
+
+    from dfsmerge.evolve import make_pruner, reference_trial
+    from dfsmerge.space import SearchConfig
+
+    rng = random.Random(0)
+    difficulty = [rng.gauss(-4.0, 0.3) for _ in range(40)]  # per-example scores vary more than candidates do
+
+    def trial(shift: float, pruned: bool = False, state=TrialState.COMPLETE):
+        values = {i: d + shift + rng.gauss(0, 0.01) for i, d in enumerate(difficulty)}
+        return create_trial(state=state, value=None if state != TrialState.COMPLETE else sum(values.values()) / 40,
+                            params={"x": 0.5}, distributions={"x": FloatDistribution(0, 1)}, intermediate_values=values,
+                            user_attrs={"pruned": True} if pruned else {})
+
+    study = optuna.create_study(direction="maximize")
+    for shift, pruned in [(1.0, False), (0.0, False), (0.05, False), (0.0, False), (0.5, True), (0.02, False),
+                          (0.01, False)]:
+        study.add_trial(trial(shift, pruned))
+    reference = reference_trial(study.get_trials(), 5)
+    assert reference.number == 2  # shift 0.05: the old 1.0 is out of the window, the pruned 0.5 never counts
+    assert reference_trial(study.get_trials(), 7).number == 0
+    config = SearchConfig(sources=[], evaluator={}, population=5, prune=0.1)
+    pruner = make_pruner(config)
+    level, worse = trial(0.06, state=TrialState.RUNNING), trial(-0.2, state=TrialState.RUNNING)
+    assert not pruner.prune(study, level)  # an all-time-best comparison would stop it (1.0 above)
+    assert optuna.pruners.WilcoxonPruner(p_threshold=0.1).prune(study, level)
+    assert pruner.prune(study, worse)
 
 
 def test_several_evaluators_make_one_weighted_objective(tmp_path, pair):
@@ -424,6 +466,7 @@ def test_several_evaluators_make_one_weighted_objective(tmp_path, pair):
 
 RECORDER = """
 import os
+import random
 from dfsmerge.evaluate import Loglik
 seen = []  # per call: data rows of trials.csv at that moment (None: no file yet)
 
