@@ -26,7 +26,7 @@ Printed over the seeds: the mean gap closed of each run's best recipe at 10%, 20
 and the cost at equal quality: the fraction of the budget at which the pruned runs' mean gap first reaches the
 unpruned runs' final mean gap, over the fraction at which the unpruned runs' mean first reaches it (the issue's
 figure: target at most 0.6). A search's course is chaotic (a different candidate early on leads it elsewhere: the
-unpruned search alone ends between 0.62 and 1.0 of the gap depending on the seed), so one run per seed compares two
+unpruned search alone ends between 0.52 and 1.0 of the gap depending on the seed), so one run per seed compares two
 draws; the mean over seeds is the figure, the per-seed lines show its spread.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_pruning.py [--seeds 0 1 2] [--trials 300] [--chunk-size 8]

@@ -88,10 +88,10 @@ SEARCH_EXAMPLE = """example search.yml:
     baselines: true         # first score each source as it is (its own layers, embeddings and head)
     max_hops: 64            # optional bound on the path length
     sigma0: 0.17            # optional initial step, as a fraction of each parameter's range
-    prune: false            # true: stop a candidate clearly worse than the best so far (Optuna's WilcoxonPruner
-                            # on the per-example scores, p < 0.1; a number in (0, 1) sets p). Off by default: on
-                            # the planted-recipe task it reached the unpruned gap with 0.23 and 0.29 of the examples
-                            # on 2 seeds, and not within as many examples on the third (bench_pruning.py)
+    prune: false            # true: stop a candidate clearly worse than the best of the last generation scored in
+                            # full (Optuna's WilcoxonPruner on the per-example scores, p < 0.1; a number in (0, 1)
+                            # sets p). A pruned candidate costs a chunk or two, so give the search about 2.5x the
+                            # generations for the same evaluation cost (bench_pruning.py: see the README)
   evaluator:
     type: loglik            # or choice, generate, lm_eval, or `python: module:function`
     data: data.jsonl
