@@ -743,6 +743,7 @@ def load_model(target: str, dtype: str | torch.dtype = "float32", device: str = 
         read_dfs_checkpoint(path)  # its hop table, weight files and transform tensors, as flatten reads them
         tokenizer = load_tokenizer(path)  # before the weights
         if check_only:
+            _check_compact_weights(path)
             return tokenizer
         try:
             model, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype),
@@ -770,6 +771,27 @@ def load_model(target: str, dtype: str | torch.dtype = "float32", device: str = 
         raise RecipeError(f"{target}: its input model {recipe.sources[recipe.input_model]} has no tokenizer files; "
                           "the evaluators score text with it")
     return tokenizer if check_only else (model, tokenizer)
+
+
+def _check_compact_weights(folder: Path) -> None:
+    """Raise RecipeError when the weight files of a compact folder lack a tensor its model has (built on the meta
+    device from its config: no weight read) or hold one of another shape, by the files' headers."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .recipe import Source
+    from .sources import open_checkpoint, read_config
+
+    config = AutoConfig.from_pretrained(folder)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    checkpoint = open_checkpoint(Source(str(folder)), read_config(Source(str(folder))))
+    expected = [(name, tuple(t.shape)) for name, t in model.state_dict().items()
+                if not (config.tie_word_embeddings and name.startswith("lm_head."))]
+    missing = [name for name, _ in expected if name not in checkpoint]
+    if missing:
+        raise RecipeError(f"{folder}: {len(missing)} tensor(s) the config describes are missing from the weights, "
+                          f"e.g. {missing[0]!r}")
+    checkpoint.check_shapes(expected, str(folder))
 
 
 def _plain_causal_lm(folder: Path) -> bool:

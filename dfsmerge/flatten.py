@@ -101,6 +101,11 @@ def read_dfs_checkpoint(path: str | Path, cache_dir: str | None = None) -> tuple
     missing = [name for name in transforms if name not in stored]
     if missing:
         raise RecipeError(f"{path}: tensor {missing[0]!r}, which config.json's dfs_hops declares, is missing")
+    prefix = HOP_TRANSFORM.split("{")[0]
+    undeclared = [name for name in stored.names() if layout is _ours and name.startswith(prefix)
+                  and name not in transforms]
+    if undeclared:  # transformers would drop it: the model would run without the transform the file holds
+        raise RecipeError(f"{path}: tensor {undeclared[0]!r} is declared by no hop of config.json's dfs_hops")
     stored.check_shapes(transforms.items(), str(path))
     try:
         hops, num_layers, getters = layout(config, {n: (lambda n=n: stored.get(n)) for n in stored.names()}, family)

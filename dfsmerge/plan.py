@@ -339,8 +339,10 @@ def compact_transforms(config: dict, where: str) -> dict[str, tuple[int, ...]]:
     or ``matrix``) that runs every stored layer, ``num_hidden_layers`` its length. Raises RecipeError naming
     ``where`` (e.g. ``FOLDER: config.json``) and the entry. Reads no weights."""
     layers, hops, hidden = config.get("dfs_layers"), config.get("dfs_hops"), config.get("hidden_size")
-    if not isinstance(layers, list) or not all(isinstance(x, list) and len(x) == 2 for x in layers):
-        raise RecipeError(f"{where}: dfs_layers: expected a list of [model, layer] pairs, got {brief(layers)}")
+    if not isinstance(layers, list) or not all(isinstance(x, list) and len(x) == 2 and all(
+            type(i) is int and i >= 0 for i in x) for x in layers):
+        raise RecipeError(f"{where}: dfs_layers: expected a list of [model, layer] pairs of indices, got "
+                          f"{brief(layers)}")
     if not isinstance(hops, list) or not hops or not all(isinstance(h, list) and len(h) == 3 for h in hops):
         raise RecipeError(f"{where}: dfs_hops: expected a list of [stored layer, scale kind, bias kind], got "
                           f"{brief(hops)}")
@@ -350,7 +352,7 @@ def compact_transforms(config: dict, where: str) -> dict[str, tuple[int, ...]]:
         if type(u) is not int or not 0 <= u < len(layers):
             raise RecipeError(f"{where}: dfs_hops[{k}]: expected a stored layer in [0, {len(layers)}), got {brief(u)}")
         for part, kind in (("scale", scale), ("bias", bias)):
-            if kind not in kinds:
+            if not isinstance(kind, (str, type(None))) or kind not in kinds:
                 raise RecipeError(f"{where}: dfs_hops[{k}]: {part} kind: expected one of {list(kinds)}, got "
                                   f"{brief(kind)}")
             if kind is not None:

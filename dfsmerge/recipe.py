@@ -120,6 +120,7 @@ def _check_keys(doc: dict, known: Sequence[str], where: str) -> None:
 MAX_DEPTH = 32
 MAX_VALUES = 20_000_000
 MAX_NUMBER_CHARS = 40
+MAX_FILE_BYTES = 1 << 30  # read_file: recipes, search files, evaluator data, configs and tokenizer files
 _INT_TAG, _FLOAT_TAG = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
 
 
@@ -528,16 +529,20 @@ def _describe(value: float | torch.Tensor) -> str:
 
 
 def read_file(path: str | os.PathLike) -> bytes:
-    """The bytes of a file a user names (a recipe, a search file, evaluator data). Anything but a regular file
-    (a folder, a device, a pipe, a socket) is refused before a byte is read: ``OSError`` whose ``strerror`` is
-    "not a regular file" (``/dev/zero`` would never end; a FIFO would block until something writes to it, so the
-    file is opened without waiting, then checked)."""
+    """The bytes of a file a user names (a recipe, a search file, evaluator data) or a small file of a model
+    (config, tokenizer). Anything but a regular file (a folder, a device, a pipe, a socket), or one larger than
+    ``MAX_FILE_BYTES``, is refused before a byte is read: ``OSError`` whose ``strerror`` says so (``/dev/zero``
+    would never end; a FIFO would block until something writes to it, so the file is opened without waiting,
+    then checked)."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            kind = "a folder" if stat.S_ISDIR(mode) else "a device, pipe or socket"
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            kind = "a folder" if stat.S_ISDIR(info.st_mode) else "a device, pipe or socket"
             raise OSError(0, f"not a regular file ({kind})", str(path))
+        if info.st_size > MAX_FILE_BYTES:
+            raise OSError(0, f"{info.st_size} bytes, more than the {MAX_FILE_BYTES >> 30} GiB such a file may have",
+                          str(path))
         with os.fdopen(fd, "rb", closefd=False) as f:
             return f.read()
     finally:

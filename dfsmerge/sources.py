@@ -122,6 +122,9 @@ def check_config(config: object, where: str) -> dict:
         value = config.get(key)
         if value is not None and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
             raise RecipeError(f"{where}: {key}: expected a list of strings, got {brief(value)}")
+    if config.get("layer_types") is not None and len(config["layer_types"]) != config["num_hidden_layers"]:
+        raise RecipeError(f"{where}: layer_types: expected num_hidden_layers = {config['num_hidden_layers']} "
+                          f"entries (transformers' rule), got {len(config['layer_types'])}")
     eps = config.get("rms_norm_eps")
     if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < 1):
         raise RecipeError(f"{where}: rms_norm_eps: expected a small positive number, got {brief(eps)}")
@@ -230,16 +233,22 @@ class Checkpoint:
     def check_tokenizer_files(self, where: str) -> None:
         """Raise ``RecipeError`` naming ``where`` and the file when a tokenizer file an output would copy cannot
         be read as the writer reads it: not a regular file, a ``.json`` one that is not a UTF-8 JSON object
-        (:func:`_read_json`), a ``tokenizer_class`` that is not a name, a ``tokenizer.json`` that the
-        ``tokenizers`` library (transformers' fast tokenizers) refuses. Reads no weights."""
+        (:func:`_read_json`), a ``tokenizer_class`` that is not a name, a ``.jinja``/``.txt`` one that is not
+        UTF-8 text, a ``tokenizer.json`` that the ``tokenizers`` library (transformers' fast tokenizers) refuses.
+        Reads no weights."""
         for file in self.tokenizer_files():
             problem = "not a regular file" if not file.is_file() else None
             if problem is None and file.suffix == ".json":
                 doc = _read_json(file)
                 if not isinstance(doc, dict):
                     problem = f"expected a JSON object, got {type(doc).__name__}"
-                elif not isinstance(doc.get("tokenizer_class", ""), str):
+                elif not isinstance(doc.get("tokenizer_class"), (str, type(None))):
                     problem = f"tokenizer_class: expected a class name, got {brief(doc['tokenizer_class'])}"
+            elif problem is None and file.suffix in (".jinja", ".txt"):  # read as text by transformers
+                try:
+                    read_file(file).decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    problem = f"not UTF-8 text (byte offset {exc.start})"
             if problem is None and file.name == "tokenizer.json":
                 from tokenizers import Tokenizer
 

@@ -107,7 +107,8 @@ def _real_places(source: Path) -> list[Path]:
 
 def _link_chain(path: Path, file_folder: bool) -> list[Path]:
     """The folders holding the links of the chain of symbolic links from ``path`` (but its first link's, which
-    lies where ``path`` is), then where the chain ends: resolved; a file's folder when ``file_folder``."""
+    lies where ``path`` is), then where the chain ends: resolved; a file's folder when ``file_folder`` (a
+    dangling link's end itself: its parent may be ``/``)."""
     current, held = Path(os.path.abspath(path)), []
     for hop in range(40):  # the system's own bound on a chain (ELOOP)
         if not current.is_symlink():
@@ -116,7 +117,7 @@ def _link_chain(path: Path, file_folder: bool) -> list[Path]:
             held.append(current.parent.resolve())
         current = Path(os.path.abspath(current.parent.resolve() / os.readlink(current)))
     real = current.resolve()
-    return held + [real.parent if file_folder and not real.is_dir() else real]
+    return held + [real.parent if file_folder and real.exists() and not real.is_dir() else real]
 
 
 def check_target(target: str | os.PathLike, force: bool, sources: Iterable[str | os.PathLike]) -> Path:

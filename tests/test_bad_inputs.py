@@ -48,6 +48,8 @@ def _snapshot(*roots: Path) -> dict[str, str]:
                 found[str(path)] = "dir"
             elif not path.is_file():  # a FIFO: reading it would block
                 found[str(path)] = "special"
+            elif path.stat().st_size > 1 << 26:  # a huge sparse file: its size and time stand for its bytes
+                found[str(path)] = f"{path.stat().st_size}:{path.stat().st_mtime_ns}"
             else:
                 found[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
     return found
@@ -236,6 +238,8 @@ CASES = [
         _copy(s[0], w) / "tokenizer_config.json", '{"tokenizer_class": ["X"]}').parent, s[1]])),
          "tokenizer_config.json: not a tokenizer file transformers can read: tokenizer_class: expected a class name"),
     # files that never end or block: refused before a byte is read
+    Case("recipe-huge-sparse", "recipe", lambda w, s: _merge(w, _sparse(w / "r.yml", 3 << 30)),
+         "r.yml: cannot read the recipe: 3221225472 bytes, more than the 1 GiB such a file may have", timed=True),
     Case("recipe-a-fifo", "recipe", lambda w, s: _merge(w, _fifo(w / "r.yml")),
          "r.yml: cannot read the recipe: not a regular file (a device, pipe or socket)"),
     Case("recipe-dev-zero", "recipe", lambda w, s: _merge(w, Path("/dev/zero")),
@@ -435,6 +439,25 @@ CASES = [
     Case("eval-a-weights-file", "weights", lambda w, s: [
         "eval", s[0] / "model.safetensors", "--data", _text(w / "d.jsonl", '{"text": "a b"}\n')],
          "model.safetensors: expected a model folder, a .gguf file or a hub ID, got a file"),
+    Case("merge-layer-types-length", "weights", lambda w, s: _merge(w, _native(w, [_config(
+        _copy(s[0], w), layer_types=["full_attention"] * 2), s[1]])),
+         "layer_types: expected num_hidden_layers = 4 entries (transformers' rule), got 2"),
+    Case("flatten-compact-layer-types-length", "weights", lambda w, s: [
+        "flatten", _config(_compact(s[0], w), layer_types=["full_attention"] * 3), w / "out"],
+         "layer_types: expected num_hidden_layers = 2 entries (transformers' rule), got 3"),
+    Case("eval-compact-undeclared-transform", "weights", lambda w, s: [
+        "eval", _config(_compact(s[0], w), dfs_hops=[[0, None, None], [1, None, None]]), "--data",
+        _text(w / "d.jsonl", '{"text": "a b"}\n')],
+         "tensor 'model.dfs_transforms.1.scale' is declared by no hop of config.json's dfs_hops"),
+    Case("flatten-compact-kind-unhashable", "weights", lambda w, s: [
+        "flatten", _config(_compact(s[0], w), dfs_hops=[[0, None, None], [1, ["scalar"], None]]), w / "out"],
+         "dfs_hops[1]: scale kind: expected one of"),
+    Case("flatten-compact-layers-garbage", "weights", lambda w, s: [
+        "flatten", _config(_compact(s[0], w), dfs_layers=[["x", None], [1.5, -7]]), w / "out"],
+         "dfs_layers: expected a list of [model, layer] pairs of indices"),
+    Case("merge-chat-template-not-utf8", "options", lambda w, s: _merge(w, _native(w, [_bytes(
+        _copy(s[0], w) / "chat_template.jinja", b"{{ \xff }}").parent, s[1]])),
+         "chat_template.jinja: not a tokenizer file transformers can read: not UTF-8 text"),
     Case("eval-integer-weight", "weights", lambda w, s: [  # found by the fifth hostile pass (a traceback)
         "eval", _tensors(_copy(s[0], w), lambda t: t.update({k: t[k].to(torch.int16) for k in [
             "model.layers.0.input_layernorm.weight"]})), "--data", _text(w / "d.jsonl", '{"text": "the cat"}\n')],
@@ -668,6 +691,12 @@ def _compact(source: Path, work: Path) -> Path:
     assert main(["merge", str(_native(work, [source], "[{model: 0, layer: 0}, {model: 0, layer: 1, scale: 0.5}]")),
                  str(work / "compact"), "--format", "compact", "--quiet"]) == 0
     return work / "compact"
+
+
+def _sparse(path: Path, size: int) -> Path:
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return path
 
 
 def _fifo(path: Path) -> Path:
@@ -1051,7 +1080,7 @@ def test_a_second_interrupt_during_cleanup_waits_until_the_temporary_folder_is_g
     assert removed and not any(p.name.startswith(".out.dfsmerge-tmp-") for p in tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("broken", ["shape", "truncated", "tokenizer", "data", "search-data"])
+@pytest.mark.parametrize("broken", ["shape", "truncated", "tokenizer", "data", "search-data", "compact-missing"])
 def test_eval_checks_every_model_before_scoring_the_first(llama_sources, tmp_path, capsys, broken):
     """``eval GOOD BAD``: BAD is found before GOOD is scored (found by the fifth hostile pass: GOOD was scored,
     its line printed, then BAD failed)."""
@@ -1062,6 +1091,8 @@ def test_eval_checks_every_model_before_scoring_the_first(llama_sources, tmp_pat
         _cut(bad / "model.safetensors")
     elif broken == "tokenizer":
         _bytes(bad / "tokenizer.json", b"{not json")
+    elif broken == "compact-missing":  # a stored layer's tensor gone: found by the headers, not by transformers
+        bad = _tensors(_compact(llama_sources[1], tmp_path), lambda t: t.pop("model.dfs_layers.1.mlp.up_proj.weight"))
     else:  # a tokenizer that reads the whole text as one unknown word: nothing to score in it
         tokenizer = json.loads((bad / "tokenizer.json").read_text())
         (bad / "tokenizer.json").write_text(json.dumps({**tokenizer, "pre_tokenizer": None}))
@@ -1072,3 +1103,19 @@ def test_eval_checks_every_model_before_scoring_the_first(llama_sources, tmp_pat
     assert code == 2 and out == ""
     assert err.count("error:") == 1 and "Traceback" not in err
     assert str(bad) in err or "expected text with at least 2 tokens" in err
+
+
+def test_unusual_but_valid_tokenizer_files_and_dangling_links_are_accepted(llama_sources, tmp_path, capsys):
+    """A ``tokenizer_class`` of null (transformers reads it) and a dangling link in a source folder (it protects
+    where it points, not ``/``: every output was refused) do not stop a merge."""
+    source = _copy(llama_sources[0], tmp_path, "src")
+    config = json.loads((source / "tokenizer_config.json").read_text())
+    (source / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": None}))
+    (source / "notes.txt").symlink_to("/nonexistent/notes.txt")
+    out = tmp_path / "out"
+    assert main([str(a) for a in ["merge", _native(tmp_path, [source, llama_sources[1]]), out, "--quiet"]]) == 0
+    assert json.loads((out / "tokenizer_config.json").read_text()).get("tokenizer_class") is None
+    capsys.readouterr()
+    assert main([str(a) for a in ["merge", _native(tmp_path, [source, llama_sources[1]]), "/nonexistent/notes.txt",
+                                  "--quiet"]]) == 2  # the place the link points to stays the source's
+    assert "is the source" in capsys.readouterr().err
