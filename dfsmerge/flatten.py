@@ -14,6 +14,7 @@ shape [hops, H]).
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import Any, Callable
@@ -21,8 +22,9 @@ from typing import Any, Callable
 import torch
 
 from .families import Family, family_of_type
-from .plan import HOP_TRANSFORM, STORED_LAYER, Plan, compact_transforms, dtype_name, is_classifier, make_plan
-from .recipe import Hop, Recipe, RecipeError, Source, Transform
+from .plan import (HOP_TRANSFORM, STORED_LAYER, Plan, compact_transforms, dtype_name, hop_table, is_classifier,
+                   make_plan)
+from .recipe import Hop, Recipe, RecipeError, Source, Transform, load_recipe
 from .sources import Checkpoint, open_checkpoint, read_config
 from .writer import atomic_folder, card_base_model, check_target, parse_size, write_metadata, write_tensors
 
@@ -134,6 +136,25 @@ def _write_flat(folder: Path, recipe: Recipe, virtual: Checkpoint, dtype: str, m
     return plan
 
 
+def _original_recipe(virtual: Checkpoint) -> Path | None:
+    """The ``dfsmerge_recipe.yml`` a compact folder was made from, when its hop table (:func:`plan.hop_table`) is
+    the folder's: None when there is none, it cannot be read, or config.json's ``dfs_layers``/``dfs_hops`` were
+    changed since (the recipe would not make the model flattened)."""
+    file = virtual.folder / "dfsmerge_recipe.yml" if virtual.folder else None
+    if file is None or not file.is_file():
+        return None
+    try:
+        table = hop_table(load_recipe(file))
+    except RecipeError:
+        return None
+    config = read_config(virtual.source)
+    if table != (config.get("dfs_layers"), config.get("dfs_hops")):
+        logging.getLogger("dfsmerge").warning("warning: %s is not copied: config.json's dfs_layers/dfs_hops differ "
+                                              "from the hop table it makes", file)
+        return None
+    return file
+
+
 def flatten(
     input_path: str | Path,
     output_path: str | Path,
@@ -163,11 +184,10 @@ def flatten(
         lineage = card_base_model(virtual.folder)
         write_metadata(tmp, plan, [virtual], command or f"dfsmerge flatten {input_path} {output_path}",
                        base_model=lineage, relation="merge" if lineage else None)
-        original = virtual.folder / "dfsmerge_recipe.yml" if virtual.folder else None
-        if original is not None and original.is_file():  # the recipe the compact folder was made from
+        (tmp / "dfsmerge_recipe.yml").unlink()  # a recipe over the virtual source is no recipe anyone can run
+        original = _original_recipe(virtual)
+        if original is not None:  # the recipe the compact folder was made from
             shutil.copyfile(original, tmp / original.name)
-        else:  # a recipe over the virtual source is no recipe anyone can run
-            (tmp / "dfsmerge_recipe.yml").unlink()
     return target
 
 

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 __all__ = ["TensorTask", "Plan", "make_plan", "compact_plan", "is_classifier", "DTYPE_BYTES", "dtype_name",
            "torch_dtype", "effective_config", "check_device", "STORED_LAYER", "HOP_TRANSFORM",
-           "compact_transforms"]
+           "compact_transforms", "hop_table"]
 
 STORED_LAYER = "model.dfs_layers.{u}."  # compact layout: stored layer u's tensors
 HOP_TRANSFORM = "model.dfs_transforms.{k}."  # compact layout: hop k's ``scale`` / ``bias``
@@ -332,6 +332,16 @@ def _kind(value: float | torch.Tensor, identity: float) -> str | None:
     return "vector" if value.ndim == 1 else "matrix"
 
 
+def hop_table(recipe: Recipe) -> tuple[list[list[int]], list[list]]:
+    """The compact layout's hop table of ``recipe`` (its config's ``dfs_layers`` and ``dfs_hops``): each used
+    source layer ``[model, layer]`` stored once, and per hop ``[stored layer, scale kind, bias kind]``."""
+    used = recipe.used_layers()
+    stored = {layer: u for u, layer in enumerate(used)}
+    hops = [[stored[(hop.model, hop.layer)], _kind(hop.transform.scale, 1.0), _kind(hop.transform.bias, 0.0)]
+            for hop in recipe.hops]
+    return [list(x) for x in used], hops
+
+
 def compact_transforms(config: dict, where: str) -> dict[str, tuple[int, ...]]:
     """Check a compact config's hop table against itself (the layout :func:`compact_plan` writes) and return the
     shapes of the transform tensors it declares, by name: ``dfs_layers`` a list of ``[model, layer]``,
@@ -380,8 +390,7 @@ def compact_plan(recipe: Recipe, configs: list[dict], dtype: str | torch.dtype =
     tied = (bool(out_cfg.get("tie_word_embeddings", False)) and not classification
             and recipe.input_model == recipe.output_model)
     hidden, vocab = out_cfg["hidden_size"], out_cfg["vocab_size"]
-    used = recipe.used_layers()
-    stored = {layer: u for u, layer in enumerate(used)}
+    used, hops = hop_table(recipe)
     shapes = {"scalar": (), "vector": (hidden,), "matrix": (hidden, hidden)}
 
     tasks = [TensorTask(family.embed, (vocab, hidden), recipe.input_model, family.embed)]
@@ -389,20 +398,17 @@ def compact_plan(recipe: Recipe, configs: list[dict], dtype: str | torch.dtype =
         prefix = family.layer_prefix.format(i=layer)
         tasks += [TensorTask(STORED_LAYER.format(u=u) + suffix, shape, m, prefix + suffix)
                   for suffix, shape in family.layer_tensors(configs[m]).items()]
-    hops = []
-    for k, hop in enumerate(recipe.hops):
-        t = hop.transform
-        scale, bias = _kind(t.scale, 1.0), _kind(t.bias, 0.0)
-        hops.append([stored[(hop.model, hop.layer)], scale, bias])
+    for k, (hop, (_, scale, bias)) in enumerate(zip(recipe.hops, hops)):
         for part, kind in (("scale", scale), ("bias", bias)):
             if kind:
-                tasks.append(TensorTask(HOP_TRANSFORM.format(k=k) + part, shapes[kind], hop.model, None, part, t))
+                tasks.append(TensorTask(HOP_TRANSFORM.format(k=k) + part, shapes[kind], hop.model, None, part,
+                                        hop.transform))
     tasks += _head_tasks(recipe, family, out_cfg, classification, tied)
 
     config = _output_config(recipe, family, configs, classification, tied, False, dtype)
     config.update(model_type=family.dfs_model_type,
                   architectures=[family.dfs_class("ForSequenceClassification" if classification else "ForCausalLM")],
-                  auto_map=family.dfs_auto_map(), dfs_layers=[list(x) for x in used], dfs_hops=hops)
+                  auto_map=family.dfs_auto_map(), dfs_layers=used, dfs_hops=hops)
     return Plan(recipe, family, configs, config, tasks, classification)
 
 

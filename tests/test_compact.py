@@ -218,6 +218,21 @@ def test_flatten_refuses_what_is_not_a_dfs_checkpoint(llama_sources, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_flatten_keeps_the_recipe_only_while_it_makes_the_hop_table(llama_sources, tmp_path, caplog):
+    """The compact folder's dfsmerge_recipe.yml goes with its flat copy; after config.json's hops were edited
+    (a hop added) it would make another model, so it is left out, with a warning."""
+    compact = compact_merge(recipe([llama_sources[0]], [(0, 0), (0, 1, 0.5), (0, 3)]), tmp_path / "compact")
+    flatten(compact, tmp_path / "flat", quiet=True)
+    assert (tmp_path / "flat" / "dfsmerge_recipe.yml").read_text() == (compact / "dfsmerge_recipe.yml").read_text()
+    config = json.loads((compact / "config.json").read_text())
+    config.update(dfs_hops=config["dfs_hops"] + [[0, None, None]], num_hidden_layers=4)
+    config.pop("layer_types", None)
+    (compact / "config.json").write_text(json.dumps(config))
+    flatten(compact, tmp_path / "edited", quiet=True)
+    assert not (tmp_path / "edited" / "dfsmerge_recipe.yml").exists()
+    assert "dfsmerge_recipe.yml is not copied" in caplog.text
+
+
 def test_compact_refuses_families_it_has_no_model_for(tmp_path, monkeypatch):
     from dataclasses import replace
 
