@@ -60,7 +60,12 @@ def _ours(config: dict, tensors: Getters, family: Family) -> tuple[list[Hop], in
     """Our layout (a compact folder, or a DFS model's state dict): the hops, the number of stored layers and the
     stored tensors by their flat names."""
     def part(k: int, name: str, kind: str | None, identity: float) -> float | torch.Tensor:
-        return _value(tensors[HOP_TRANSFORM.format(k=k) + name]()) if kind else identity
+        if not kind:
+            return identity
+        value = _value(tensors[HOP_TRANSFORM.format(k=k) + name]())
+        if not torch.isfinite(torch.as_tensor(value)).all():
+            raise RecipeError(f"tensor {HOP_TRANSFORM.format(k=k) + name!r} holds NaN or infinity")
+        return value
 
     hops = [Hop(0, int(u), Transform(part(k, "scale", scale, 1.0), part(k, "bias", bias, 0.0)), f"dfs_hops[{k}]")
             for k, (u, scale, bias) in enumerate(config["dfs_hops"])]

@@ -452,6 +452,10 @@ CASES = [
     Case("flatten-compact-kind-unhashable", "weights", lambda w, s: [
         "flatten", _config(_compact(s[0], w), dfs_hops=[[0, None, None], [1, ["scalar"], None]]), w / "out"],
          "dfs_hops[1]: scale kind: expected one of"),
+    Case("eval-compact-transform-nan", "weights", lambda w, s: [
+        "eval", s[0], _tensors(_compact(s[0], w), lambda t: t["model.dfs_transforms.1.scale"].fill_(float("nan"))),
+        "--data", _text(w / "d.jsonl", '{"text": "a b"}\n')],
+         "compact: tensor 'model.dfs_transforms.1.scale' holds NaN or infinity"),
     Case("flatten-compact-layers-garbage", "weights", lambda w, s: [
         "flatten", _config(_compact(s[0], w), dfs_layers=[["x", None], [1.5, -7]]), w / "out"],
          "dfs_layers: expected a list of [model, layer] pairs of indices"),
