@@ -858,8 +858,9 @@ class _Worker:
             rate = (len(done) - self.start_done) / elapsed if elapsed > 0 else 0.0
             eta = (self.config.budget - len(done)) / rate if rate > 0 else math.inf
             states = [state_of(t) for t in trials]
-            print(f"generation {g}/{self.config.generations} done: best so far {best:.5g}, median "
-                  f"{statistics.median(values) if values else math.nan:.5g}; {rate:.2f} trials/s, ETA "
+            median = f"median {statistics.median(values):.5g}" if values else "no trial scored in full"
+            print(f"generation {g}/{self.config.generations} done: best so far {best:.5g}, {median}; {rate:.2f} "
+                  f"trials/s, ETA "
                   f"{_duration(eta)}" + "".join(f" ({states.count(k)} {k})" for k in ("pruned", "fail") if k in states),
                   flush=True)
 
