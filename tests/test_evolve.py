@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import warnings
 import time
 from pathlib import Path
 from unittest import mock
@@ -426,7 +427,9 @@ def test_the_pruner_compares_with_the_best_of_the_last_generation_scored_in_full
     pruner = make_pruner(config)
     level, worse = trial(0.06, state=TrialState.RUNNING), trial(-0.2, state=TrialState.RUNNING)
     assert not pruner.prune(study, level)  # an all-time-best comparison would stop it (1.0 above)
-    assert optuna.pruners.WilcoxonPruner(p_threshold=0.1).prune(study, level)
+    with warnings.catch_warnings():  # the Wilcoxon pruner is marked experimental
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        assert optuna.pruners.WilcoxonPruner(p_threshold=0.1).prune(study, level)
     assert pruner.prune(study, worse)
 
 
