@@ -141,7 +141,7 @@ def _write_flat(folder: Path, recipe: Recipe, virtual: Checkpoint, dtype: str, m
     return plan
 
 
-def _original_recipe(virtual: Checkpoint) -> Path | None:
+def _original_recipe(virtual: Checkpoint, cache_dir: str | None) -> Path | None:
     """The ``dfsmerge_recipe.yml`` a compact folder was made from, when its hop table (:func:`plan.hop_table`) is
     the folder's: None when there is none, it cannot be read, or config.json's ``dfs_layers``/``dfs_hops`` were
     changed since (the recipe would not make the model flattened)."""
@@ -152,7 +152,7 @@ def _original_recipe(virtual: Checkpoint) -> Path | None:
         table = hop_table(load_recipe(file))
     except RecipeError:
         return None
-    config = read_config(virtual.source)
+    config = read_config(virtual.source, cache_dir)
     if table != (config.get("dfs_layers"), config.get("dfs_hops")):
         logging.getLogger("dfsmerge").warning("warning: %s is not copied: config.json's dfs_layers/dfs_hops differ "
                                               "from the hop table it makes", file)
@@ -190,7 +190,7 @@ def flatten(
         write_metadata(tmp, plan, [virtual], command or f"dfsmerge flatten {input_path} {output_path}",
                        base_model=lineage, relation="merge" if lineage else None)
         (tmp / "dfsmerge_recipe.yml").unlink()  # a recipe over the virtual source is no recipe anyone can run
-        original = _original_recipe(virtual)
+        original = _original_recipe(virtual, cache_dir)
         if original is not None:  # the recipe the compact folder was made from
             shutil.copyfile(original, tmp / original.name)
     return target
