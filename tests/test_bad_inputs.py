@@ -216,14 +216,14 @@ CASES = [
     Case("search-scales-nan", "recipe", lambda w, s: ["evolve", _search(w, s, extra="  scales: [.nan, 1]\n"),
                                                       "--out", w / "run", "--quiet"], "search.scales"),
     # the input model's tokenizer files, which an output copies: checked before any weight is read
-    Case("merge-tokenizer-json-garbage", "options", lambda w, s: _merge(w, _native(w, [_bytes(
-        _copy(s[0], w) / "tokenizer.json", b"garbage").parent, s[1]])),
+    Case("merge-tokenizer-json-garbage", "options", lambda w, s: _with_tokenizer_file(w, s, "tokenizer.json",
+                                                                                    b"garbage"),
          "/bad/tokenizer.json:1:1: not valid JSON"),
-    Case("merge-tokenizer-json-not-a-tokenizer", "options", lambda w, s: _merge(w, _native(w, [_text(
-        _copy(s[0], w) / "tokenizer.json", '{"model": 5}').parent, s[1]])),
+    Case("merge-tokenizer-json-not-a-tokenizer", "options", lambda w, s: _with_tokenizer_file(
+        w, s, "tokenizer.json", b'{"model": 5}'),
          "/bad/tokenizer.json: not a tokenizer file transformers can read: Exception"),
-    Case("merge-tokenizer-config-a-list", "options", lambda w, s: _merge(w, _native(w, [_text(
-        _copy(s[0], w) / "tokenizer_config.json", "[1, 2]").parent, s[1]])),
+    Case("merge-tokenizer-config-a-list", "options", lambda w, s: _with_tokenizer_file(
+        w, s, "tokenizer_config.json", b"[1, 2]"),
          "/bad/tokenizer_config.json: not a tokenizer file transformers can read: expected a JSON object, got list"),
     Case("flatten-tokenizer-json-garbage", "options", lambda w, s: ["flatten", _bytes(
         _compact(s[0], w) / "tokenizer.json", b"\xff\xfe").parent, w / "out", "--quiet"],
@@ -231,11 +231,11 @@ CASES = [
     Case("merge-tokenizer-json-a-folder", "options", lambda w, s: _merge(w, _native(w, [_dir(
         _gone(_copy(s[0], w) / "tokenizer.json") / "tokenizer.json").parent, s[1]])),
          "/bad/tokenizer.json: not a tokenizer file transformers can read: not a regular file"),
-    Case("merge-tokenizer-config-bom", "options", lambda w, s: _merge(w, _native(w, [_bytes(
-        _copy(s[0], w) / "tokenizer_config.json", b"\xef\xbb\xbf{}").parent, s[1]])),
+    Case("merge-tokenizer-config-bom", "options", lambda w, s: _with_tokenizer_file(
+        w, s, "tokenizer_config.json", b"\xef\xbb\xbf{}"),
          "/bad/tokenizer_config.json:1:1: not valid JSON (Unexpected UTF-8 BOM"),
-    Case("merge-tokenizer-class-a-list", "options", lambda w, s: _merge(w, _native(w, [_text(
-        _copy(s[0], w) / "tokenizer_config.json", '{"tokenizer_class": ["X"]}').parent, s[1]])),
+    Case("merge-tokenizer-class-a-list", "options", lambda w, s: _with_tokenizer_file(
+        w, s, "tokenizer_config.json", b'{"tokenizer_class": ["X"]}'),
          "tokenizer_config.json: not a tokenizer file transformers can read: tokenizer_class: expected a class name"),
     # files that never end or block: refused before a byte is read
     Case("recipe-huge-sparse", "recipe", lambda w, s: _merge(w, _sparse(w / "r.yml", 3 << 30)),
@@ -459,8 +459,8 @@ CASES = [
     Case("flatten-compact-layers-garbage", "weights", lambda w, s: [
         "flatten", _config(_compact(s[0], w), dfs_layers=[["x", None], [1.5, -7]]), w / "out"],
          "dfs_layers: expected a list of [model, layer] pairs of indices"),
-    Case("merge-chat-template-not-utf8", "options", lambda w, s: _merge(w, _native(w, [_bytes(
-        _copy(s[0], w) / "chat_template.jinja", b"{{ \xff }}").parent, s[1]])),
+    Case("merge-chat-template-not-utf8", "options", lambda w, s: _with_tokenizer_file(
+        w, s, "chat_template.jinja", b"{{ \xff }}"),
          "chat_template.jinja: not a tokenizer file transformers can read: not UTF-8 text"),
     Case("eval-integer-weight", "weights", lambda w, s: [  # found by the fifth hostile pass (a traceback)
         "eval", _tensors(_copy(s[0], w), lambda t: t.update({k: t[k].to(torch.int16) for k in [
@@ -695,6 +695,12 @@ def _compact(source: Path, work: Path) -> Path:
     assert main(["merge", str(_native(work, [source], "[{model: 0, layer: 0}, {model: 0, layer: 1, scale: 0.5}]")),
                  str(work / "compact"), "--format", "compact", "--quiet"]) == 0
     return work / "compact"
+
+
+def _with_tokenizer_file(work: Path, sources: list[Path], name: str, data: bytes) -> list[str]:
+    """``merge`` of a recipe whose input model is a copy of the first source with tokenizer file ``name``
+    replaced by ``data``."""
+    return _merge(work, _native(work, [_bytes(_copy(sources[0], work) / name, data).parent, sources[1]]))
 
 
 def _sparse(path: Path, size: int) -> Path:
